@@ -1,0 +1,372 @@
+"""Moshi's language model: the Helium temporal transformer over 1 text + ``n_q`` audio streams,
+and the depth transformer ("depformer") that generates the ``dep_q`` audio codes of a frame."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+from .layers import MultiLinear, ZeroEmbedding
+
+_REQUIRED = (
+    "dim", "num_heads", "num_layers", "text_card", "card", "n_q", "dep_q", "delays",
+    "depformer_dim", "depformer_num_heads", "depformer_num_layers", "depformer_dim_feedforward",
+)  # fmt: skip
+
+
+@dataclass
+class LmConfig:
+    """The upstream LM config (``configs/moshi_7b_202409.json`` keys); defaults are Moshi 7B."""
+
+    dim: int = 4096
+    text_card: int = 32000
+    existing_text_padding_id: int = 3
+    n_q: int = 16
+    dep_q: int = 8
+    card: int = 2048
+    num_heads: int = 32
+    num_layers: int = 32
+    hidden_scale: float = 4.125
+    context: int = 3000
+    max_period: float = 10000.0
+    depformer_dim: int = 1024
+    depformer_dim_feedforward: int = 4224
+    depformer_num_heads: int = 16
+    depformer_num_layers: int = 6
+    depformer_multi_linear: bool = True
+    depformer_weights_per_step: bool = True
+    depformer_weights_per_step_schedule: list[int] | None = None
+    depformer_low_rank_embeddings: int | None = None
+    delays: list[int] = field(
+        default_factory=lambda: [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]
+    )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LmConfig:
+        """Read an upstream config dict; unknown keys are ignored, missing required ones named."""
+        missing = [k for k in _REQUIRED if k not in d]
+        if missing:
+            raise ValueError(f"LM config is missing required field(s): {', '.join(missing)}")
+        for key, expected in (
+            ("gating", "silu"),
+            ("depformer_gating", "silu"),
+            ("positional_embedding", "rope"),
+            ("depformer_pos_emb", "none"),
+        ):
+            if d.get(key, expected) != expected:
+                raise ValueError(
+                    f"LM config: {key}={d[key]!r} is not supported (only {expected!r})"
+                )
+        if d.get("norm", "rms_norm_f32") not in ("rms_norm_f32", "real_rms_norm_f32"):
+            raise ValueError(f"LM config: norm={d['norm']!r} is not supported (only rms_norm_f32)")
+        if d.get("conditioners") or d.get("cross_attention"):
+            raise ValueError("LM config: conditioned / cross-attention models are not supported")
+        names = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if len(self.delays) != self.n_q + 1:
+            raise ValueError(
+                f"LM config: delays has {len(self.delays)} entries, expected n_q + 1 = {self.n_q + 1}"
+            )
+        if self.dim % self.num_heads or self.depformer_dim % self.depformer_num_heads:
+            raise ValueError(
+                "LM config: dim must be a multiple of num_heads (and for the depformer)"
+            )
+        sched = self.depformer_weights_per_step_schedule
+        if sched is not None and len(sched) != self.dep_q:
+            raise ValueError(
+                f"LM config: depformer_weights_per_step_schedule needs {self.dep_q} entries"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def moshi_7b(cls) -> LmConfig:
+        """Moshiko / Moshika 7B (``moshi_7b_202409.json``)."""
+        return cls()
+
+    @classmethod
+    def moshi_2b(cls) -> LmConfig:
+        """The 2B layout (``moshi_dev_2b.json``) without its LUT conditioner."""
+        return cls(
+            dim=2560,
+            text_card=48000,
+            n_q=32,
+            dep_q=16,
+            num_heads=20,
+            num_layers=24,
+            max_period=100000.0,
+            delays=[0] + ([0] + [2] * 15) * 2,
+        )
+
+    # Derived sizes ------------------------------------------------------------------------
+
+    @property
+    def hidden_dim(self) -> int:
+        return _gated_hidden(int(self.hidden_scale * self.dim), self.dim)
+
+    @property
+    def depformer_hidden_dim(self) -> int:
+        return _gated_hidden(self.depformer_dim_feedforward, self.depformer_dim)
+
+    @property
+    def schedule(self) -> list[int]:
+        """Weight set used by each depformer step."""
+        if self.depformer_weights_per_step_schedule is not None:
+            return list(self.depformer_weights_per_step_schedule)
+        if self.depformer_weights_per_step:
+            return list(range(self.dep_q))
+        return [0] * self.dep_q
+
+    @property
+    def max_delay(self) -> int:
+        return max(self.delays)
+
+
+def _gated_hidden(dim_feedforward: int, dim: int) -> int:
+    # PyTorch ActivationGating: a 4x FFN becomes 21/8 x, otherwise 2/3 of dim_feedforward.
+    return 21 * dim // 8 if dim_feedforward == 4 * dim else 2 * dim_feedforward // 3
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.linear_in = nn.Linear(dim, 2 * hidden, bias=False)
+        self.linear_out = nn.Linear(hidden, dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        gate, value = mx.split(self.linear_in(x), 2, axis=-1)
+        return self.linear_out(nn.silu(gate) * value)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, max_period: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.max_period = max_period
+        self.in_proj = nn.Linear(dim, 3 * dim, bias=False)
+        self.out_proj = nn.Linear(dim, dim, bias=False)
+
+    def __call__(self, x: mx.array, mask, cache=None) -> mx.array:
+        B, T, _ = x.shape
+        offset = cache.offset if cache is not None else 0
+        qkv = (
+            self.in_proj(x).reshape(B, T, 3, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
+        )
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        rope = dict(traditional=True, base=self.max_period, scale=1.0, offset=offset)
+        q = mx.fast.rope(q, self.head_dim, **rope)
+        k = mx.fast.rope(k, self.head_dim, **rope)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg: LmConfig):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(cfg.dim, eps=1e-8)
+        self.self_attn = Attention(cfg.dim, cfg.num_heads, cfg.max_period)
+        self.norm2 = nn.RMSNorm(cfg.dim, eps=1e-8)
+        self.gating = GatedMLP(cfg.dim, cfg.hidden_dim)
+
+    def __call__(self, x: mx.array, mask, cache=None) -> mx.array:
+        x = x + self.self_attn(self.norm1(x), mask, cache)
+        return x + self.gating(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: LmConfig):
+        super().__init__()
+        self.layers = [TransformerLayer(cfg) for _ in range(cfg.num_layers)]
+
+
+class DepformerLayer(nn.Module):
+    """One depformer layer holding a weight set per step (stacked attention projections, one
+    gated MLP per set); the norms are shared by all steps. No positional encoding."""
+
+    def __init__(self, cfg: LmConfig):
+        super().__init__()
+        dim, n_sets = cfg.depformer_dim, max(cfg.schedule) + 1
+        self.num_heads = cfg.depformer_num_heads
+        self.norm1 = nn.RMSNorm(dim, eps=1e-8)
+        self.self_attn = _StackedAttention(dim, n_sets)
+        self.norm2 = nn.RMSNorm(dim, eps=1e-8)
+        self.gating = [GatedMLP(dim, cfg.depformer_hidden_dim) for _ in range(n_sets)]
+
+    def __call__(self, x: mx.array, sets: list[int], cache) -> mx.array:
+        """``x`` ``[N, S, dim]``: position ``s`` uses weight set ``sets[s]``; causal over ``S``."""
+        h = self.norm1(x)
+        B, S, D = h.shape
+        H, Dh = self.num_heads, D // self.num_heads
+        qkv = mx.concatenate(
+            [self.self_attn.in_proj(h[:, s : s + 1], w) for s, w in enumerate(sets)], axis=1
+        )
+        qkv = qkv.reshape(B, S, 3, H, Dh).transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        k, v = cache.update_and_fetch(k, v)
+        mask = "causal" if S > 1 else None
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=Dh**-0.5, mask=mask)
+        out = out.transpose(0, 2, 1, 3).reshape(B, S, D)
+        x = x + mx.concatenate(
+            [self.self_attn.out_proj(out[:, s : s + 1], w) for s, w in enumerate(sets)], axis=1
+        )
+        h = self.norm2(x)
+        return x + mx.concatenate(
+            [self.gating[w](h[:, s : s + 1]) for s, w in enumerate(sets)], axis=1
+        )
+
+
+class _StackedAttention(nn.Module):
+    def __init__(self, dim: int, n_sets: int):
+        super().__init__()
+        self.in_proj = MultiLinear(dim, 3 * dim, n_sets)
+        self.out_proj = MultiLinear(dim, dim, n_sets)
+
+
+class Depformer(nn.Module):
+    def __init__(self, cfg: LmConfig):
+        super().__init__()
+        self.layers = [DepformerLayer(cfg) for _ in range(cfg.depformer_num_layers)]
+
+
+class Lm(nn.Module):
+    """Temporal transformer + depformer. Parameter names follow the released checkpoint."""
+
+    def __init__(self, cfg: LmConfig | None = None):
+        super().__init__()
+        cfg = cfg or LmConfig()
+        cfg.validate()
+        self.cfg = cfg
+        low_rank = cfg.depformer_low_rank_embeddings
+        dd = cfg.depformer_dim
+        self.text_emb = ZeroEmbedding(cfg.text_card + 1, cfg.dim)
+        self.emb = [ZeroEmbedding(cfg.card + 1, cfg.dim) for _ in range(cfg.n_q)]
+        self.transformer = Transformer(cfg)
+        self.out_norm = nn.RMSNorm(cfg.dim, eps=1e-8)
+        self.text_linear = nn.Linear(cfg.dim, cfg.text_card, bias=False)
+        n_in = cfg.dep_q if cfg.depformer_multi_linear else 1
+        self.depformer_in = [nn.Linear(cfg.dim, dd, bias=False) for _ in range(n_in)]
+        self.depformer_text_emb = ZeroEmbedding(cfg.text_card + 1, dd, low_rank)
+        self.depformer_emb = [
+            ZeroEmbedding(cfg.card + 1, dd, low_rank) for _ in range(cfg.dep_q - 1)
+        ]
+        self.depformer = Depformer(cfg)
+        self.linears = [nn.Linear(dd, cfg.card, bias=False) for _ in range(cfg.dep_q)]
+
+    # -- temporal transformer ------------------------------------------------------------------
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        """``[B, n_q + 1, T]`` delayed input tokens -> summed embeddings ``[B, T, dim]``."""
+        x = self.emb[0](tokens[:, 1])
+        for k in range(1, self.cfg.n_q):
+            x = x + self.emb[k](tokens[:, k + 1])
+        return x + self.text_emb(tokens[:, 0])
+
+    def temporal(self, x: mx.array, cache: list | None = None) -> tuple[mx.array, mx.array]:
+        """Summed embeddings -> (normed hidden state ``z``, text logits)."""
+        T = x.shape[1]
+        if cache is None:
+            pos = mx.arange(T)
+            delta = pos[:, None] - pos[None, :]
+            mask = (delta >= 0) & (delta < self.cfg.context)
+        else:
+            mask = None  # one step at a time: the rotating cache holds exactly the window
+        for i, layer in enumerate(self.transformer.layers):
+            x = layer(x, mask, cache[i] if cache is not None else None)
+        z = self.out_norm(x)
+        return z, self.text_linear(z)
+
+    def make_cache(self) -> list[RotatingKVCache]:
+        """Rolling KV caches of ``context`` steps: memory stays bounded however long the talk."""
+        return [RotatingKVCache(max_size=self.cfg.context) for _ in self.transformer.layers]
+
+    # -- depformer -----------------------------------------------------------------------------
+
+    def depformer_input(self, z: mx.array, k: int, prev: mx.array) -> mx.array:
+        """Input of depformer step ``k``: projected context + embedding of the previous token."""
+        proj = self.depformer_in[k if len(self.depformer_in) > 1 else 0](z)
+        emb = self.depformer_text_emb(prev) if k == 0 else self.depformer_emb[k - 1](prev)
+        return proj + emb
+
+    def depformer_layers(self, x: mx.array, steps: list[int], caches: list) -> mx.array:
+        sets = [self.cfg.schedule[k] for k in steps]
+        for layer, cache in zip(self.depformer.layers, caches):
+            x = layer(x, sets, cache)
+        return x
+
+    def new_depformer_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.depformer.layers]
+
+    # -- teacher forcing -----------------------------------------------------------------------
+
+    def __call__(self, codes: mx.array):
+        """Teacher-forced forward with upstream ``LMModel.forward`` semantics.
+
+        ``codes``: ``[B, n_q + 1, T]`` int, undelayed (row 0 text, rows 1..dep_q Moshi's audio,
+        the rest the user's audio); -1 marks "no input". Returns ``(text_logits [B, 1, T,
+        text_card], audio_logits [B, dep_q, T, card], text_mask [B, 1, T], audio_mask [B, dep_q,
+        T])``. Audio logits are NaN in the last ``delay`` frames of each codebook (never
+        predicted); the masks are also False where the code is -1.
+        """
+        cfg = self.cfg
+        codes = mx.array(codes).astype(mx.int32)
+        if codes.ndim != 3 or codes.shape[1] != cfg.n_q + 1:
+            raise ValueError(f"codes must be [batch, {cfg.n_q + 1}, time], got {list(codes.shape)}")
+        B, S, T = codes.shape
+        delayed = self.delay(codes)
+        initial = self.initial_tokens()[None, :, None]
+        model_input = mx.concatenate([mx.broadcast_to(initial, (B, S, 1)), delayed[:, :, :-1]], 2)
+        z, text_logits = self.temporal(self.embed(model_input))
+
+        # Depformer over all steps at once; step k's input token is the target of stream k.
+        K, N = cfg.dep_q, B * T
+        zf = z.reshape(N, 1, -1)
+        targets = delayed.transpose(0, 2, 1).reshape(N, S)
+        x = mx.concatenate(
+            [self.depformer_input(zf, k, targets[:, k : k + 1]) for k in range(K)], axis=1
+        )
+        h = self.depformer_layers(x, list(range(K)), self.new_depformer_cache())
+        logits = mx.stack([self.linears[k](h[:, k]) for k in range(K)], axis=1)
+        logits = logits.reshape(B, T, K, -1).transpose(0, 2, 1, 3).astype(mx.float32)
+
+        # Undo the delays: frame f of codebook k was predicted at delayed position f + d.
+        frames = mx.arange(T)
+        audio_logits, audio_mask = [], []
+        for k in range(K):
+            d = cfg.delays[k + 1]
+            shifted = mx.concatenate(
+                [logits[:, k, d:], mx.full((B, d, logits.shape[-1]), mx.nan)], axis=1
+            )
+            audio_logits.append(shifted)
+            audio_mask.append((frames[None] + d < T) & (codes[:, k + 1] >= 0))
+        text_mask = codes[:, :1] >= 0
+        return (
+            text_logits.astype(mx.float32)[:, None],
+            mx.stack(audio_logits, axis=1),
+            text_mask,
+            mx.stack(audio_mask, axis=1),
+        )
+
+    def initial_tokens(self) -> mx.array:
+        """Start token of each stream: ``text_card`` for text, ``card`` for audio."""
+        return mx.array([self.cfg.text_card] + [self.cfg.card] * self.cfg.n_q, dtype=mx.int32)
+
+    def delay(self, codes: mx.array) -> mx.array:
+        """Shift stream ``s`` right by ``delays[s]``, filling with its initial token."""
+        B, S, T = codes.shape
+        init = self.initial_tokens()
+        rows = []
+        for s, d in enumerate(self.cfg.delays):
+            fill = mx.full((B, min(d, T)), init[s], dtype=codes.dtype)
+            rows.append(mx.concatenate([fill, codes[:, s, : T - d]], axis=1) if d else codes[:, s])
+        return mx.stack(rows, axis=1)

@@ -1,0 +1,201 @@
+"""Mimi: Kyutai's streaming neural audio codec (24 kHz mono <-> 12.5 Hz frames of RVQ codes)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .conv import Conv1d, ConvTranspose1d
+from .quantizer import SplitResidualVectorQuantizer
+from .seanet import SeanetConfig, SeanetDecoder, SeanetEncoder
+from .transformer import MimiTransformer, TransformerConfig
+
+
+def _pick(cls, d: dict) -> dict:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+@dataclass
+class MimiConfig:
+    """Hyper-parameters of Mimi; defaults are the released codec (``tokenizer-e351c8d8``)."""
+
+    sample_rate: int = 24000
+    frame_rate: float = 12.5
+    seanet: SeanetConfig = field(default_factory=SeanetConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    n_q: int = 32
+    bins: int = 2048
+    codebook_dim: int = 256
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MimiConfig:
+        """Read the upstream nested format (``seanet`` / ``transformer`` / ``quantizer``)."""
+        seanet = d.get("seanet", {})
+        tr = d.get("transformer", {})
+        quant = d.get("quantizer", {})
+        for name, sub in (("seanet", seanet), ("transformer", tr), ("quantizer", quant)):
+            if not isinstance(sub, dict):
+                raise ValueError(f"Mimi config field '{name}' must be an object")
+        if seanet.get("n_residual_layers", 1) != 1 or not seanet.get("true_skip", True):
+            raise ValueError("Mimi config: only n_residual_layers=1 with true_skip is supported")
+        if not seanet.get("causal", True) or not tr.get("causal", True):
+            raise ValueError("Mimi config: only causal (streamable) codecs are supported")
+        if "d_model" in tr and tr["d_model"] != seanet.get("dimension", tr["d_model"]):
+            raise ValueError("Mimi config: transformer.d_model must equal seanet.dimension")
+        return cls(
+            sample_rate=d.get("sample_rate", 24000),
+            frame_rate=d.get("frame_rate", 12.5),
+            seanet=SeanetConfig(**_pick(SeanetConfig, seanet)),
+            transformer=TransformerConfig(**_pick(TransformerConfig, tr)),
+            n_q=quant.get("n_q", 32),
+            bins=quant.get("bins", 2048),
+            codebook_dim=quant.get("dimension", 256),
+        )
+
+    def to_dict(self) -> dict:
+        s, t = self.seanet, self.transformer
+        return {
+            "sample_rate": self.sample_rate,
+            "channels": s.channels,
+            "frame_rate": self.frame_rate,
+            "seanet": {**s.__dict__, "causal": True, "true_skip": True},
+            "transformer": {**t.__dict__, "causal": True},
+            "quantizer": {
+                "dimension": self.codebook_dim,
+                "n_q": self.n_q,
+                "bins": self.bins,
+                "input_dimension": s.dimension,
+                "output_dimension": s.dimension,
+            },
+        }
+
+    @property
+    def frame_size(self) -> int:
+        """Samples per code frame (1920 for the real codec)."""
+        return int(round(self.sample_rate / self.frame_rate))
+
+    @property
+    def downsample_stride(self) -> int:
+        return self.frame_size // self.seanet.hop_length
+
+
+def reset_streaming(module: nn.Module) -> None:
+    """Forget all streaming state (conv buffers, KV caches) below ``module``."""
+    for _, m in module.named_modules():
+        if m is not module and hasattr(m, "reset"):
+            m.reset()
+
+
+class Mimi(nn.Module):
+    """The codec. Audio uses PyTorch's layout ``[B, 1, T]`` (float32, 24 kHz) and codes
+    ``[B, K, frames]``; ``K`` is ``num_codebooks`` (8 for Moshi, at most ``n_q``)."""
+
+    def __init__(self, cfg: MimiConfig | None = None):
+        super().__init__()
+        cfg = cfg or MimiConfig()
+        self.cfg = cfg
+        dim = cfg.seanet.dimension
+        stride = cfg.downsample_stride
+        self.encoder = SeanetEncoder(cfg.seanet)
+        self.encoder_transformer = MimiTransformer(cfg.transformer)
+        self.downsample = Conv1d(
+            dim, dim, 2 * stride, stride=stride, bias=False, pad_mode="replicate"
+        )
+        self.quantizer = SplitResidualVectorQuantizer(dim, cfg.codebook_dim, cfg.n_q, cfg.bins)
+        self.upsample = ConvTranspose1d(dim, dim, 2 * stride, stride, bias=False, groups=dim)
+        self.decoder_transformer = MimiTransformer(cfg.transformer)
+        self.decoder = SeanetDecoder(cfg.seanet)
+        self.num_codebooks = cfg.n_q
+
+    # -- configuration -------------------------------------------------------------------------
+
+    @property
+    def frame_size(self) -> int:
+        return self.cfg.frame_size
+
+    @property
+    def sample_rate(self) -> int:
+        return self.cfg.sample_rate
+
+    def set_num_codebooks(self, k: int) -> None:
+        if not 1 <= k <= self.cfg.n_q:
+            raise ValueError(f"num_codebooks must be in [1, {self.cfg.n_q}], got {k}")
+        self.num_codebooks = k
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def _check_pcm(self, pcm: mx.array, streaming: bool) -> None:
+        if pcm.ndim != 3 or pcm.shape[1] != 1:
+            raise ValueError(f"pcm must be [batch, 1, samples] (mono), got shape {list(pcm.shape)}")
+        n = pcm.shape[2]
+        if streaming and (n == 0 or n % self.frame_size):
+            raise ValueError(
+                f"encode_step takes a positive multiple of {self.frame_size} samples, got {n}"
+            )
+        if n == 0:
+            raise ValueError("pcm is empty")
+
+    def _check_codes(self, codes: mx.array) -> None:
+        if codes.ndim != 3:
+            raise ValueError(f"codes must be [batch, codebooks, frames], got {list(codes.shape)}")
+        k = codes.shape[1]
+        if not 1 <= k <= self.cfg.n_q:
+            raise ValueError(f"codes have {k} codebooks; this Mimi decodes 1 to {self.cfg.n_q}")
+        if codes.size and (mx.min(codes).item() < 0 or mx.max(codes).item() >= self.cfg.bins):
+            raise ValueError(f"codes must be in [0, {self.cfg.bins}); got values outside")
+
+    # -- batch ---------------------------------------------------------------------------------
+
+    def encode_to_latent(self, pcm: mx.array) -> mx.array:
+        """``[B, 1, T]`` -> unquantized latent ``[B, dim, ceil(T / frame_size)]``."""
+        self._check_pcm(pcm, streaming=False)
+        x = pcm.astype(mx.float32).transpose(0, 2, 1)
+        pad = -x.shape[1] % self.frame_size
+        if pad:
+            x = mx.pad(x, [(0, 0), (0, pad), (0, 0)])
+        x = self.encoder_transformer(self.encoder(x))
+        return self.downsample(x).transpose(0, 2, 1)
+
+    def encode(self, pcm: mx.array) -> mx.array:
+        """``[B, 1, T]`` float -> codes ``[B, num_codebooks, ceil(T / 1920)]`` (uint32)."""
+        latent = self.encode_to_latent(pcm).transpose(0, 2, 1)
+        return self.quantizer.encode(latent, self.num_codebooks).transpose(0, 2, 1)
+
+    def decode_latent(self, codes: mx.array) -> mx.array:
+        """Codes ``[B, K, F]`` -> quantized latent ``[B, dim, F]``."""
+        self._check_codes(codes)
+        return self.quantizer.decode(codes.transpose(0, 2, 1)).transpose(0, 2, 1)
+
+    def decode(self, codes: mx.array) -> mx.array:
+        """Codes ``[B, K, F]`` -> waveform ``[B, 1, F * 1920]``."""
+        x = self.decode_latent(codes).transpose(0, 2, 1)
+        x = self.decoder_transformer(self.upsample(x))
+        return self.decoder(x).transpose(0, 2, 1)
+
+    # -- streaming -----------------------------------------------------------------------------
+
+    def encode_step(self, pcm: mx.array) -> mx.array:
+        """Encode the next ``n * 1920`` samples ``[B, 1, n * 1920]`` -> codes ``[B, K, n]``."""
+        self._check_pcm(pcm, streaming=True)
+        x = pcm.astype(mx.float32).transpose(0, 2, 1)
+        x = self.downsample.step(self.encoder_transformer.step(self.encoder.step(x)))
+        return self.quantizer.encode(x, self.num_codebooks).transpose(0, 2, 1)
+
+    def decode_step(self, codes: mx.array) -> mx.array:
+        """Decode the next frames ``[B, K, n]`` -> waveform ``[B, 1, n * 1920]``."""
+        self._check_codes(codes)
+        x = self.quantizer.decode(codes.transpose(0, 2, 1))
+        x = self.decoder_transformer.step(self.upsample.step(x))
+        return self.decoder.step(x).transpose(0, 2, 1)
+
+    def reset(self) -> None:
+        """Start a new stream: clears every conv buffer and KV cache (encoder and decoder)."""
+        reset_streaming(self)
+
+    @staticmethod
+    def frames(num_samples: int, frame_size: int = 1920) -> int:
+        return math.ceil(num_samples / frame_size)
