@@ -1,0 +1,1 @@
+"""Checkpoint conversion to MLX model folders (installed as ``moshi_mlx.convert``)."""

@@ -1,0 +1,67 @@
+"""One full-duplex frame of compute: user audio in, Moshi's audio and text out.
+
+This is the loop body shared by the live chat, file-to-file inference and the benchmark; it
+knows nothing about sound cards or terminals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from .generate import LmGen
+from .lm import Lm
+from .mimi import Mimi
+
+
+@dataclass
+class FrameResult:
+    pcm: np.ndarray | None  # Moshi's 1920 samples (float32), None while the delays fill
+    text_id: int | None  # text token of the same frame, None while the delays fill
+    user_codes: np.ndarray  # the user's codes Mimi produced for this frame, [n_user]
+    codes: np.ndarray | None  # Moshi's audio codes decoded into ``pcm``, [dep_q]
+
+
+class DuplexSession:
+    """Mimi ``encode_step`` -> ``LmGen.step`` -> Mimi ``decode_step`` for one 1920-sample frame.
+
+    All MLX work happens in the caller's thread; create and use a session on one thread.
+    """
+
+    def __init__(self, lm: Lm, mimi: Mimi, gen: LmGen):
+        if mimi.sample_rate != 24000 or mimi.frame_size != 1920:
+            raise ValueError("Moshi needs the 24 kHz Mimi with 1920-sample frames")
+        self.lm, self.mimi, self.gen = lm, mimi, gen
+        cfg = lm.cfg
+        self.n_user = cfg.n_q - cfg.dep_q
+        mimi.set_num_codebooks(max(cfg.dep_q, self.n_user))
+        self.frame_size = mimi.frame_size
+        self.frames = 0
+
+    def reset(self) -> None:
+        self.mimi.reset()
+        self.gen.reset()
+        self.frames = 0
+
+    def encode(self, pcm: np.ndarray) -> mx.array:
+        x = mx.array(np.asarray(pcm, dtype=np.float32).reshape(1, 1, self.frame_size))
+        return self.mimi.encode_step(x)[:, : self.n_user, 0]
+
+    def decode(self, codes: mx.array) -> mx.array:
+        return self.mimi.decode_step(codes[:, :, None])[0, 0]
+
+    def step(self, pcm: np.ndarray) -> FrameResult:
+        """Process one frame of user audio (``[1920]`` float32 at 24 kHz)."""
+        if np.size(pcm) != self.frame_size:
+            raise ValueError(f"a frame is {self.frame_size} samples, got {np.size(pcm)}")
+        user = self.encode(pcm)
+        out = self.gen.step(user)
+        self.frames += 1
+        user_np = np.array(user[0])
+        if out is None:
+            return FrameResult(None, None, user_np, None)
+        pcm_out = self.decode(out[:, 1:])
+        mx.eval(pcm_out)
+        return FrameResult(np.array(pcm_out), int(out[0, 0]), user_np, np.array(out[0, 1:]))
