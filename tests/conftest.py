@@ -1,0 +1,76 @@
+"""Shared test fixtures: paths to the reference data and small models built from it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MIMI_DIR = FIXTURES / "mimi"
+LM_DIR = FIXTURES / "lm"
+UPSTREAM_MLX_DIR = FIXTURES / "upstream_mlx"
+FULL_SIZE_KEYS = FIXTURES / "full_size_keys"
+
+# A few sentences are enough for a tiny sentencepiece model with the same special ids as
+# Moshi's (0 unk / end of padding, 1 <s>, 2 </s>, 3 <pad>).
+_SPM_TEXT = """hello there how are you doing today
+i am fine thank you and you
+the weather is nice and the sun is shining
+moshi listens and speaks at the same time
+full duplex speech models can interrupt and be interrupted
+""" * 20
+
+
+def train_tiny_spm(folder: Path, vocab_size: int = 64) -> Path:
+    import sentencepiece as spm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = folder / "corpus.txt"
+    corpus.write_text(_SPM_TEXT)
+    prefix = folder / "tiny_spm"
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(prefix), vocab_size=vocab_size,
+        pad_id=3, unk_id=0, bos_id=1, eos_id=2, model_type="unigram",
+        minloglevel=2, hard_vocab_limit=False,
+    )  # fmt: skip
+    return prefix.with_suffix(".model")
+
+
+@pytest.fixture(scope="session")
+def mimi_io() -> dict[str, mx.array]:
+    return mx.load(str(MIMI_DIR / "io.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def lm_io() -> dict[str, mx.array]:
+    return mx.load(str(LM_DIR / "io.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def lm_config() -> dict:
+    return json.loads((LM_DIR / "config.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def spm_model(tmp_path_factory) -> Path:
+    return train_tiny_spm(tmp_path_factory.mktemp("spm"))
+
+
+@pytest.fixture(scope="session")
+def pytorch_repo(tmp_path_factory, spm_model) -> Path:
+    """A local folder laid out like ``kyutai/moshiko-pytorch-bf16`` but holding the fixtures:
+    ``model.safetensors`` (LM), the Mimi checkpoint, the text tokenizer and ``config.json``.
+    The Mimi here is the tiny fixture codec, so its config rides along as ``mimi_config.json``.
+    """
+    repo = tmp_path_factory.mktemp("moshiko-pytorch-fixture")
+    shutil.copy(LM_DIR / "weights.safetensors", repo / "model.safetensors")
+    shutil.copy(MIMI_DIR / "weights.safetensors",
+                repo / "tokenizer-e351c8d8-checkpoint125.safetensors")
+    shutil.copy(spm_model, repo / "tokenizer_spm_32k_3.model")
+    shutil.copy(LM_DIR / "config.json", repo / "config.json")
+    shutil.copy(MIMI_DIR / "config.json", repo / "mimi_config.json")
+    return repo
