@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 
 import mlx.core as mx
@@ -178,12 +177,17 @@ class Mimi(nn.Module):
 
     # -- streaming -----------------------------------------------------------------------------
 
-    def encode_step(self, pcm: mx.array) -> mx.array:
-        """Encode the next ``n * 1920`` samples ``[B, 1, n * 1920]`` -> codes ``[B, K, n]``."""
+    def encode_latent_step(self, pcm: mx.array) -> mx.array:
+        """Streaming ``encode_to_latent``: ``[B, 1, n * 1920]`` -> ``[B, dim, n]``."""
         self._check_pcm(pcm, streaming=True)
         x = pcm.astype(mx.float32).transpose(0, 2, 1)
         x = self.downsample.step(self.encoder_transformer.step(self.encoder.step(x)))
-        return self.quantizer.encode(x, self.num_codebooks).transpose(0, 2, 1)
+        return x.transpose(0, 2, 1)
+
+    def encode_step(self, pcm: mx.array) -> mx.array:
+        """Encode the next ``n * 1920`` samples ``[B, 1, n * 1920]`` -> codes ``[B, K, n]``."""
+        latent = self.encode_latent_step(pcm).transpose(0, 2, 1)
+        return self.quantizer.encode(latent, self.num_codebooks).transpose(0, 2, 1)
 
     def decode_step(self, codes: mx.array) -> mx.array:
         """Decode the next frames ``[B, K, n]`` -> waveform ``[B, 1, n * 1920]``."""
@@ -195,7 +199,3 @@ class Mimi(nn.Module):
     def reset(self) -> None:
         """Start a new stream: clears every conv buffer and KV cache (encoder and decoder)."""
         reset_streaming(self)
-
-    @staticmethod
-    def frames(num_samples: int, frame_size: int = 1920) -> int:
-        return math.ceil(num_samples / frame_size)
