@@ -56,7 +56,11 @@ def load_mimi(weights: str | Path, config: str | Path | dict | MimiConfig | None
     model = Mimi(cfg)
     raw = read_safetensors(weights)
     load_into(
-        model, sanitize(raw, mimi_rules(len(cfg.seanet.ratios))), str(weights), as_dtype=mx.float32
+        model,
+        sanitize(raw, mimi_rules(len(cfg.seanet.ratios))),
+        str(weights),
+        as_dtype=mx.float32,
+        hint=lambda name: "that the Mimi config fits this checkpoint",
     )
     return model
 
