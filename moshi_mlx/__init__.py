@@ -2,7 +2,7 @@
 
 from .generate import LmGen
 from .lm import Lm, LmConfig
-from .loading import load_lm, load_mimi
+from .loading import load, load_lm, load_mimi
 from .mimi import Mimi, MimiConfig
 
-__all__ = ["Lm", "LmConfig", "LmGen", "Mimi", "MimiConfig", "load_lm", "load_mimi"]
+__all__ = ["Lm", "LmConfig", "LmGen", "Mimi", "MimiConfig", "load", "load_lm", "load_mimi"]

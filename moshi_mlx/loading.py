@@ -1,8 +1,10 @@
-"""Loading Mimi and the LM from a weight file plus an optional config."""
+"""Loading Mimi and the LM from weight files, and whole model folders with ``load``."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -11,6 +13,7 @@ from .lm import Lm, LmConfig
 from .mimi import Mimi, MimiConfig
 from .weights import (
     CheckpointError,
+    checkpoint_kind,
     lm_rules,
     load_into,
     mimi_rules,
@@ -55,6 +58,8 @@ def load_mimi(weights: str | Path, config: str | Path | dict | MimiConfig | None
     cfg = mimi_config(config)
     model = Mimi(cfg)
     raw = read_safetensors(weights)
+    if checkpoint_kind(raw) != "mimi":
+        raise CheckpointError(wrong_checkpoint(Path(weights), raw, "mimi"))
     load_into(
         model,
         sanitize(raw, mimi_rules(len(cfg.seanet.ratios))),
@@ -66,23 +71,56 @@ def load_mimi(weights: str | Path, config: str | Path | dict | MimiConfig | None
 
 
 def load_lm(
-    weights: str | Path,
+    weights: str | Path | Sequence[str | Path],
     config: str | Path | dict | LmConfig | None = None,
     dtype: mx.Dtype | None = mx.float32,
 ) -> Lm:
     """The LM from a released PyTorch checkpoint, one of Kyutai's MLX files (bf16, q8 or q4) or
-    a converted file. ``config``: JSON path, dict in upstream format, or None for Moshi 7B.
+    a converted file (or the list of its shards). ``config``: JSON path, dict in upstream
+    format, or None for Moshi 7B.
 
     Unquantized weights are cast to ``dtype`` (float32 by default, the exact path; pass
     ``mx.bfloat16`` for speed, or None to keep the file's dtype). Quantized files keep their
-    bits and group size, read from the tensor shapes.
+    bits and group size, read from the tensor shapes. Nothing is read from disk until used.
     """
     cfg = lm_config(config)
     model = Lm(cfg)
-    params = sanitize(read_safetensors(weights), lm_rules(cfg.schedule))
+    params, source = read_lm_weights(weights, cfg)
     quantize_like(model, params)
-    load_into(model, params, str(weights), as_dtype=dtype, hint=lm_config_hint)
+    load_into(model, params, source, as_dtype=dtype, hint=lm_config_hint)
     return model
+
+
+def read_lm_weights(
+    weights: str | Path | Sequence[str | Path], cfg: LmConfig
+) -> tuple[dict[str, mx.array], str]:
+    """Lazily read LM weights (one file or shards) into our parameter names; also returns a
+    name for error messages."""
+    paths = [Path(weights)] if isinstance(weights, (str, Path)) else [Path(p) for p in weights]
+    raw: dict[str, mx.array] = {}
+    for path in paths:
+        part = read_safetensors(path)
+        if checkpoint_kind(part) != "lm":
+            raise CheckpointError(wrong_checkpoint(path, part, "lm"))
+        twice = sorted(set(part) & set(raw))
+        if twice:
+            raise CheckpointError(
+                f"{path}: tensor(s) also in another shard: {', '.join(twice[:4])}"
+            )
+        raw.update(part)
+    source = str(paths[0]) if len(paths) == 1 else f"{paths[0].parent} ({len(paths)} shards)"
+    return sanitize(raw, lm_rules(cfg.schedule)), source
+
+
+def wrong_checkpoint(path: Path, weights: dict, wanted: str) -> str:
+    """One-line message for a file whose keys are not those of the model (``"lm"`` or
+    ``"mimi"``) it was given to."""
+    what = {"lm": "a Moshi LM checkpoint", "mimi": "a Mimi codec checkpoint"}
+    kind = checkpoint_kind(weights)
+    if kind is not None:
+        return f"{path} is {what[kind]}, not {what[wanted]} (were the files swapped?)"
+    sample = ", ".join(sorted(weights)[:3]) or "no tensors"
+    return f"{path} is not {what[wanted]} (its keys look like: {sample})"
 
 
 def lm_config_hint(name: str) -> str:
@@ -106,3 +144,236 @@ def lm_config_hint(name: str) -> str:
         if name.startswith(prefix):
             return fields
     return "the model config"
+
+
+# ---- whole model folders ---------------------------------------------------------------------
+
+FORMAT = "moshi-mlx"  # ``format`` field of the config.json that ``moshi-mlx convert`` writes
+MIMI_CONFIG = "mimi_config.json"  # optional Mimi config beside a PyTorch / Kyutai MLX release
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+# ``find_model_files`` takes arguments named like these two functions.
+_as_lm_config, _as_mimi_config = lm_config, mimi_config
+
+
+@dataclass
+class ModelFiles:
+    """Where the parts of a model are and how to build them (see ``find_model_files``)."""
+
+    lm_weights: list[Path]
+    mimi_weights: Path
+    tokenizer: Path
+    lm_config: LmConfig
+    mimi_config: MimiConfig
+    # "moshi-mlx" (written by ``moshi-mlx convert``), "kyutai-mlx" (Kyutai's MLX repos) or
+    # "pytorch" (Kyutai's PyTorch release), read from the LM's keys.
+    layout: str
+    folder: Path | None = None
+    config: dict | None = None  # the folder's config.json, if any
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {what} {path}: {e}") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{what} {path} must hold a JSON object")
+    return d
+
+
+def is_converted(config: dict | None) -> bool:
+    """Whether a folder's config.json was written by ``moshi-mlx convert``."""
+    return bool(config) and config.get("format") == FORMAT
+
+
+def _named(folder: Path, name: str, what: str) -> Path:
+    path = folder / name
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: the {what} file {name} named by config.json is missing")
+    return path
+
+
+def _scan(folder: Path) -> dict[str, list[Path]]:
+    """Safetensors files of ``folder`` grouped by what their keys say they are."""
+    found: dict[str, list[Path]] = {"lm": [], "mimi": []}
+    index = sorted(folder.glob("*.safetensors.index.json"))
+    if len(index) == 1:  # sharded LM: the index lists its files
+        weight_map = _read_json(index[0], "index").get("weight_map", {})
+        found["lm"] = [_named(folder, n, "LM shard") for n in sorted(set(weight_map.values()))]
+    for path in sorted(folder.glob("*.safetensors")):
+        if path in found["lm"]:
+            continue
+        kind = checkpoint_kind(read_safetensors(path))
+        if kind is not None:
+            found[kind].append(path)
+    return found
+
+
+def _one(paths: list[Path], what: str, folder: Path, flag: str) -> Path:
+    if not paths:
+        raise CheckpointError(f"{folder}: no {what} found; pass it with {flag}")
+    if len(paths) > 1:
+        names = ", ".join(p.name for p in paths)
+        raise CheckpointError(f"{folder}: several {what} files ({names}); pick one with {flag}")
+    return paths[0]
+
+
+def _layout(lm_weights: list[Path], config: dict | None) -> str:
+    if is_converted(config):
+        return FORMAT
+    keys = set()
+    for path in lm_weights:
+        keys.update(read_safetensors(path))
+    if any(k.startswith(("audio_embs.", "depformer.slices.")) for k in keys):
+        return "kyutai-mlx"
+    if any(k.endswith(("_proj_weight", ".alpha")) or "_projs." in k for k in keys):
+        return "pytorch"
+    return FORMAT
+
+
+def find_model_files(
+    folder: str | Path | None = None,
+    *,
+    moshi_weights: str | Path | None = None,
+    mimi_weights: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    lm_config: str | Path | dict | LmConfig | None = None,
+    mimi_config: str | Path | dict | MimiConfig | None = None,
+) -> ModelFiles:
+    """Find the LM, Mimi and tokenizer files of a model folder and the configs to build them.
+
+    Reads, in order: explicit arguments; the folder's ``config.json`` (ours, or upstream's LM
+    config with optional ``moshi_name`` / ``mimi_name`` / ``tokenizer_name``); otherwise the
+    weight files are told apart by their keys and the tokenizer is the folder's ``*.model``.
+    The LM config defaults to Moshi 7B, the Mimi config to ``mimi_config.json`` when present,
+    else the released codec.
+    """
+    folder = Path(folder).expanduser() if folder is not None else None
+    config = None
+    if folder is not None and (folder / "config.json").is_file():
+        config = _read_json(folder / "config.json", "config")
+    ours = is_converted(config)
+    names = dict(config.get("files", {})) if ours else {}
+    if config and not ours:
+        names = {
+            "lm": config.get("moshi_name"),
+            "mimi": config.get("mimi_name"),
+            "tokenizer": config.get("tokenizer_name"),
+        }
+    scanned: dict[str, list[Path]] | None = None
+
+    def weights_of(kind: str, override, flag: str) -> list[Path]:
+        nonlocal scanned
+        if override is not None:
+            return [Path(override).expanduser()]
+        if folder is None:
+            raise CheckpointError(f"no model folder given: pass {flag} (or a folder / repo id)")
+        if names.get(kind):
+            listed = names[kind] if isinstance(names[kind], list) else [names[kind]]
+            return [_named(folder, n, f"{kind} weights") for n in listed]
+        if scanned is None:
+            scanned = _scan(folder)
+        what = "Moshi LM weights" if kind == "lm" else "Mimi codec weights"
+        if kind == "lm" and len(scanned["lm"]) > 1 and all("-of-" in p.name for p in scanned["lm"]):
+            return scanned["lm"]  # shards without an index
+        return [_one(scanned[kind], what, folder, flag)]
+
+    lm_paths = weights_of("lm", moshi_weights, "--moshi-weights")
+    mimi_path = weights_of("mimi", mimi_weights, "--mimi-weights")[0]
+
+    if tokenizer is not None:
+        tok_path = Path(tokenizer).expanduser()
+    elif folder is None:
+        raise CheckpointError("no model folder given: pass --tokenizer (or a folder / repo id)")
+    elif names.get("tokenizer"):
+        tok_path = _named(folder, names["tokenizer"], "tokenizer")
+    else:
+        tok_path = _one(sorted(folder.glob("*.model")), "text tokenizer (*.model)", folder,
+                        "--tokenizer")  # fmt: skip
+
+    if lm_config is None and config is not None:
+        lm_config = config["lm"] if ours else (config if "dim" in config else None)
+    if mimi_config is None and ours:
+        mimi_config = config["mimi"]
+    elif mimi_config is None and folder is not None and (folder / MIMI_CONFIG).is_file():
+        mimi_config = folder / MIMI_CONFIG
+    return ModelFiles(
+        lm_weights=lm_paths,
+        mimi_weights=mimi_path,
+        tokenizer=tok_path,
+        lm_config=_as_lm_config(lm_config),
+        mimi_config=_as_mimi_config(mimi_config),
+        layout=_layout(lm_paths, config),
+        folder=folder,
+        config=config,
+    )
+
+
+def model_folder(path_or_repo_id: str | Path) -> Path:
+    """A local folder as is, or a Hugging Face repo id downloaded (only the files a model
+    needs) into the usual cache. Raises ``ValueError`` with one line when that fails."""
+    from . import hub
+
+    folder = hub.local_folder(path_or_repo_id)
+    if folder is not None:
+        return folder
+    repo = str(path_or_repo_id)
+    meta = hub.snapshot(repo, ["config.json", "*.safetensors.index.json", MIMI_CONFIG])
+    patterns = ["*.safetensors", "*.model", "*.json", "README.md"]
+    config = _read_json(meta / "config.json", "config") if (meta / "config.json").is_file() else {}
+    if is_converted(config):
+        files = config.get("files", {})
+        patterns = ["*.json", "README.md", files.get("mimi"), files.get("tokenizer")]
+        patterns += list(files.get("lm", []))
+    elif all(config.get(k) for k in ("moshi_name", "mimi_name", "tokenizer_name")):
+        patterns = ["*.json", config["moshi_name"], config["mimi_name"], config["tokenizer_name"]]
+    return hub.snapshot(repo, [p for p in patterns if p])
+
+
+def load_tokenizer(path: str | Path):
+    """The SentencePiece text tokenizer (``sentencepiece.SentencePieceProcessor``)."""
+    import sentencepiece
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"tokenizer file not found: {path}")
+    try:
+        return sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as e:
+        detail = " ".join(str(e).split())
+        raise CheckpointError(f"{path} is not a SentencePiece tokenizer model: {detail}") from None
+
+
+def as_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
+    """``"bfloat16"`` / ``"float16"`` / ``"float32"`` (or an ``mx.Dtype``, or None) -> dtype."""
+    if dtype is None or isinstance(dtype, mx.Dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def load(
+    path_or_repo_id: str | Path, dtype: str | mx.Dtype | None = None, *, lazy: bool = False
+) -> tuple[Lm, Mimi, object]:
+    """Everything needed to run Moshi from one name: ``(lm, mimi, tokenizer)``.
+
+    ``path_or_repo_id``: a folder written by ``moshi-mlx convert``, one of Kyutai's MLX repos
+    (``kyutai/moshiko-mlx-q4`` / ``-q8`` / ``-bf16``, ``moshika-*``), a PyTorch release
+    (``kyutai/moshiko-pytorch-bf16``), as a local folder or a Hugging Face repo id. Quantized
+    models reload with their own bits and group size. ``dtype``: None keeps the stored dtype
+    (bf16 for Kyutai's repos); otherwise unquantized weights are cast to it. Mimi is float32
+    and set to the number of codebooks the LM uses; the tokenizer is a
+    ``sentencepiece.SentencePieceProcessor``. Weights are read now unless ``lazy``.
+    """
+    files = find_model_files(model_folder(path_or_repo_id))
+    lm = load_lm(files.lm_weights, files.lm_config, dtype=as_dtype(dtype))
+    mimi = load_mimi(files.mimi_weights, files.mimi_config)
+    cfg = files.lm_config
+    mimi.set_num_codebooks(min(max(cfg.dep_q, cfg.n_q - cfg.dep_q), mimi.cfg.n_q))
+    tokenizer = load_tokenizer(files.tokenizer)
+    if not lazy:
+        mx.eval(lm.parameters(), mimi.parameters())
+    return lm, mimi, tokenizer

@@ -42,8 +42,8 @@ def _depthwise_convtr(w):  # groups == channels: [C, 1, k] -> [C, k, 1]
     return w.transpose(0, 2, 1)
 
 
-def _squeeze_last(w):  # 1x1 conv [out, in, 1] -> linear [out, in]
-    return w[..., 0]
+def _squeeze_last(w):  # 1x1 conv [out, in, 1] -> linear [out, in]; ours (2-D) unchanged
+    return w[..., 0] if w.ndim == 3 else w
 
 
 def _flat(w):  # RMSNorm alpha [1, 1, d] -> [d]
@@ -265,3 +265,87 @@ def load_into(
             for k, v in weights.items()
         }
     model.load_weights(list(weights.items()), strict=False)
+
+
+# ---- recognising checkpoints -----------------------------------------------------------------
+
+_LM_PREFIXES = (
+    "text_emb.", "text_linear.", "emb.", "audio_embs.", "transformer.layers.", "out_norm.",
+    "depformer", "linears.",
+)  # fmt: skip
+_MIMI_PREFIXES = (
+    "encoder.", "decoder.", "encoder_transformer.", "decoder_transformer.", "quantizer.",
+    "downsample.", "upsample.",
+)  # fmt: skip
+
+
+def checkpoint_kind(keys) -> str | None:
+    """``"lm"`` or ``"mimi"`` from a checkpoint's key names (any of the layouts we read: PyTorch
+    release, Kyutai's MLX repos, ours), None when the keys look like neither."""
+    keys = list(keys)
+    lm = sum(k.startswith(_LM_PREFIXES) for k in keys)
+    mimi = sum(k.startswith(_MIMI_PREFIXES) for k in keys)
+    if lm == mimi:
+        return None
+    return "lm" if lm > mimi else "mimi"
+
+
+# ---- quantizing ------------------------------------------------------------------------------
+
+QUANT_BITS = (2, 3, 4, 5, 6, 8)
+QUANT_GROUP_SIZES = (32, 64, 128)
+
+
+def quantizable(path: str, module: nn.Module) -> bool:
+    """The layers we quantize: linear projections and embedding tables (norms, convolutions
+    and Mimi stay in float). Our ``ZeroEmbedding`` / ``MultiLinear`` keep their behaviour."""
+    from .layers import MultiLinear
+
+    return isinstance(module, (nn.Linear, nn.Embedding, MultiLinear)) and hasattr(
+        module, "to_quantized"
+    )
+
+
+def indivisible_layers(model: nn.Module, group_size: int) -> dict[str, int]:
+    """Quantizable layers whose input width (last weight axis) ``group_size`` does not divide,
+    with that width."""
+    leaves = tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
+    return {
+        path: m.weight.shape[-1]
+        for path, m in leaves
+        if quantizable(path, m) and m.weight.shape[-1] % group_size
+    }
+
+
+def quantize_lm(
+    model: nn.Module, bits: int, group_size: int, skip_indivisible: bool = False
+) -> list[str]:
+    """Quantize the LM's linear and embedding layers in place (affine, ``bits`` per weight,
+    one scale and bias per ``group_size`` inputs). Lazy: nothing is computed until evaluated.
+
+    A layer whose input width ``group_size`` does not divide cannot be quantized: by default
+    that is an error naming the layers; with ``skip_indivisible`` they stay in float and their
+    paths are returned.
+    """
+    if bits not in QUANT_BITS:
+        raise ValueError(f"quantization bits must be one of {QUANT_BITS}, got {bits}")
+    if group_size not in QUANT_GROUP_SIZES:
+        raise ValueError(
+            f"quantization group size must be one of {QUANT_GROUP_SIZES}, got {group_size}"
+        )
+    skipped = indivisible_layers(model, group_size)
+    if skipped and not skip_indivisible:
+        folded = {re.sub(r"\.\d+(?=\.|$)", ".{i}", p): w for p, w in skipped.items()}
+        names = ", ".join(f"{p} (width {w})" for p, w in sorted(folded.items()))
+        raise ValueError(
+            f"group size {group_size} does not divide the input width of {len(skipped)} "
+            f"layer(s): {names}; pick a group size that divides them, or keep those layers in "
+            "float (skip_indivisible, --skip-indivisible)"
+        )
+    nn.quantize(
+        model,
+        group_size,
+        bits,
+        class_predicate=lambda path, m: quantizable(path, m) and path not in skipped,
+    )
+    return sorted(skipped)
