@@ -1,0 +1,189 @@
+"""``moshi-mlx bench``: output format, reference-compatible records and error messages.
+
+Tiny random models only; nothing here asserts speed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import MIMI_DIR
+from moshi_mlx.app import bench
+from moshi_mlx.app.cli import main
+
+TINY_LM = {
+    "dim": 64, "text_card": 64, "n_q": 16, "dep_q": 8, "card": 2048, "num_heads": 2,
+    "num_layers": 1, "context": 32, "depformer_dim": 32, "depformer_dim_feedforward": 132,
+    "depformer_num_heads": 2, "depformer_num_layers": 1,
+    "delays": [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1],
+}  # fmt: skip
+TINY_MIMI = str(MIMI_DIR / "config.json")  # 24 kHz, 1920-sample frames, a few thousand weights
+REQUIRED_JSON_KEYS = {
+    "frame_ms_p50", "frame_ms_p95", "lm_step_ms_p50", "mimi_ms_p50", "rtf", "peak_memory_gb",
+}  # fmt: skip
+KEY_VALUE = re.compile(r"^[a-z0-9_.]+=\S.*$")
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("bench") / "tiny_lm.json"
+    path.write_text(json.dumps(TINY_LM))
+    return str(path)
+
+
+def run_bench(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["bench", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def tiny_args(config: str, *extra: str) -> list[str]:
+    return ["--random-weights", "--config", config, "--mimi-config", TINY_MIMI,
+            "--steps", "3", "--warmup", "2", *extra]  # fmt: skip
+
+
+def test_key_value_lines_cover_every_stage(capsys, tiny_config):
+    code, out, _ = run_bench(capsys, *tiny_args(tiny_config))
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert all(KEY_VALUE.match(line) for line in lines), [
+        line for line in lines if not KEY_VALUE.match(line)
+    ]
+    values = dict(line.split("=", 1) for line in lines)
+    for stage in ("frame", "lm_step", "mimi", "encode", "temporal", "depth", "decode"):
+        for q in ("p50", "p95"):
+            assert float(values[f"{stage}_ms_{q}"]) > 0, stage
+        assert float(values[f"{stage}_ms_p95"]) >= float(values[f"{stage}_ms_p50"])
+    for key in ("rtf", "rtf_ref", "fps", "peak_memory_gb", "mlx_version", "device"):
+        assert values[key]
+    assert values["frame_timing"].startswith("DuplexSession.step")
+    assert values["config.dim"] == "64" and values["dtype"] == "bfloat16"
+
+
+def test_json_is_one_object_with_the_issue_keys(capsys, tiny_config):
+    code, out, _ = run_bench(capsys, *tiny_args(tiny_config, "--json"))
+    assert code == 0
+    result = json.loads(out)  # the whole of stdout is one object
+    assert REQUIRED_JSON_KEYS <= result.keys()
+    assert result["rtf"] == pytest.approx(result["frame_ms_p50"] / 80, rel=1e-3)
+    assert result["rtf_ref"] == pytest.approx(80 / result["frame_ms_p50"], rel=1e-3)
+    assert result["peak_memory_gb"] > 0
+    assert result["quant"] is None and result["config"]["num_layers"] == 1
+
+
+def test_quantized_run_reports_bits_and_default_group_size(capsys, tmp_path):
+    path = tmp_path / "q.json"  # FFN widths 11/4 x 128 = 352: a multiple of 32
+    path.write_text(json.dumps({**TINY_LM, "dim": 128, "depformer_dim": 128,
+                                "depformer_dim_feedforward": 528}))  # fmt: skip
+    code, out, _ = run_bench(capsys, *tiny_args(str(path), "--no-mimi", "-q", "4", "--json"))
+    assert code == 0
+    result = json.loads(out)
+    assert result["quant"] == {"bits": 4, "group_size": 32}
+    assert result["mimi_ms_p50"] is None and result["lm_step_ms_p50"] > 0
+    assert result["frame_ms_p50"] == result["lm_step_ms_p50"]  # no Mimi: the frame is the LM
+
+
+def test_mimi_only_times_encode_and_decode(capsys):
+    argv = ["--no-lm", "--random-weights", "--mimi-config", TINY_MIMI, "--steps", "2", "--json"]
+    code, out, _ = run_bench(capsys, *argv)
+    assert code == 0
+    result = json.loads(out)
+    assert result["lm_step_ms_p50"] is None
+    assert result["frame_ms_p50"] == result["mimi_ms_p50"] > 0
+    assert result["encode_ms_p50"] > 0 and result["decode_ms_p50"] > 0
+
+
+def test_json_out_appends_reference_records(capsys, tiny_config, tmp_path):
+    path = tmp_path / "ours.jsonl"
+    for _ in range(2):
+        code, out, _ = run_bench(capsys, *tiny_args(tiny_config, "--json-out", str(path)))
+        assert code == 0
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["bench"] for r in records] == ["lm_step", "mimi_mlx_stream_frame"] * 2
+    lm, mimi = records[:2]
+    for r in (lm, mimi):
+        assert {"median_ms", "p90_ms", "steps_per_s", "rtf"} <= r["timing"].keys()
+    assert lm["quant"] == "none" and lm["dtype"] == "bf16" and lm["sampler"] == "default"
+    assert lm["positions_timed"] == [2, 4]
+    assert mimi["config"]["num_codebooks"] == 8 and mimi["dtype"] == "f32"
+    # the same records also go to stdout, as the reference's RESULT_JSON lines
+    assert sum(line.startswith("RESULT_JSON {") for line in out.splitlines()) == 2
+
+
+def scale_args(**kw) -> argparse.Namespace:
+    base = dict(config=None, dim=None, heads=None, layers=None, dep_dim=None, dep_heads=None,
+                dep_layers=None, context=None, text_card=None)  # fmt: skip
+    return argparse.Namespace(**{**base, **kw})
+
+
+# The reference harness's `config` for the rows of ../shared/peer_bench/RESULTS.md.
+REF_ROWS = {
+    "tiny": (dict(dim=256, layers=2, dep_dim=256, dep_layers=2),
+             dict(dim=256, heads=2, layers=2, ffn_dim_feedforward=1024, dep_dim=256,
+                  dep_heads=4, dep_layers=2, dep_dim_feedforward=1024)),
+    "medium": (dict(dim=1024, layers=8, dep_dim=512, dep_layers=2),
+               dict(dim=1024, heads=8, layers=8, ffn_dim_feedforward=4096, dep_dim=512,
+                    dep_heads=8, dep_layers=2, dep_dim_feedforward=2048)),
+    "7b": (dict(),
+           dict(dim=4096, heads=32, layers=32, ffn_dim_feedforward=16384, dep_dim=1024,
+                dep_heads=16, dep_layers=6, dep_dim_feedforward=4224)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("row", REF_ROWS)
+def test_scaled_configs_match_the_reference_structure(row):
+    flags, expected = REF_ROWS[row]
+    cfg = bench.lm_config_from_args(scale_args(**flags))
+    desc = bench.ref_config_description(cfg, flags.get("dep_dim") is not None)
+    assert {k: desc[k] for k in expected} == expected
+    assert (desc["context"], desc["text_card"], desc["audio_card"]) == (3000, 32000, 2048)
+    # Upstream MLX's gated FFN width is 11/4 of the model width, in both transformers.
+    assert cfg.hidden_dim == 11 * cfg.dim // 4
+    assert cfg.depformer_hidden_dim == 11 * cfg.depformer_dim // 4
+
+
+def test_config_presets_and_json(tiny_config):
+    assert bench.lm_config_from_args(scale_args(config="moshi-2b")).dim == 2560
+    assert bench.lm_config_from_args(scale_args(config=tiny_config)).num_layers == 1
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--random-weights", "--config", "moshiko-3b"], "unknown config 'moshiko-3b'"),
+        (["--random-weights", "--config", "/nonexistent/lm.json"], "file not found"),
+        (["--random-weights", "-q", "3"], "must be 4 or 8, got 3"),
+        (["--random-weights", "-q", "4", "--q-group-size", "48"], "must be 32, 64 or 128"),
+        (["--random-weights", "--q-group-size", "64"], "needs -q 4 or -q 8"),
+        ([], "no model"),
+        (["--no-lm", "--mimi-weights", "/nonexistent/mimi.safetensors"], "file not found"),
+        (["--random-weights", "--no-lm", "--no-mimi"], "nothing to time"),
+        (["--random-weights", "--steps", "0"], "--steps must be at least 1"),
+    ],
+)
+def test_errors_are_one_line(capsys, argv, message):
+    code, out, err = run_bench(capsys, *argv)
+    assert code == 1 and out == ""
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_group_size_that_does_not_divide_a_width_is_refused(capsys, tmp_path):
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps({**TINY_LM, "dim": 96}))  # 96 is not a multiple of 64
+    code, _, err = run_bench(
+        capsys, "--random-weights", "--config", str(path), "--no-mimi", "-q", "8"
+    )
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1
+    assert "--q-group-size 64 does not divide the input width 96" in err
+
+
+def test_bench_does_not_import_audio_devices():
+    # The GPU machine has no PortAudio; the bench must not need sounddevice.
+    code = "import sys, moshi_mlx.app.bench; sys.exit('sounddevice' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent).returncode == 0
