@@ -14,9 +14,27 @@ class Codebook(nn.Module):
         self.embedding_sum = mx.zeros((bins, dim))
         self.cluster_usage = mx.ones((bins,))
         self.initialized = mx.ones((1,))
+        self._derived: tuple | None = None
+
+    def _centroids_and_half_norms(self) -> tuple[mx.array, mx.array]:
+        # Derived once per set of weights (loading replaces the arrays, which resets this).
+        sums, usage = self.embedding_sum, self.cluster_usage
+        if self._derived is None or self._derived[0] is not sums or self._derived[1] is not usage:
+            centroids = sums / mx.maximum(usage, 1e-5)[:, None]
+            half_norms = 0.5 * mx.sum(centroids * centroids, axis=-1)
+            mx.eval(centroids, half_norms)
+            self._derived = (sums, usage, centroids, half_norms)
+        return self._derived[2], self._derived[3]
 
     def centroids(self) -> mx.array:
-        return self.embedding_sum / mx.maximum(self.cluster_usage, 1e-5)[:, None]
+        """``embedding_sum / max(cluster_usage, 1e-5)``: the vectors codes index, ``[bins, dim]``."""
+        return self._centroids_and_half_norms()[0]
+
+    def nearest(self, x: mx.array) -> mx.array:
+        """Index of the closest centroid (Euclidean) for each vector of ``x`` ``[..., dim]``."""
+        centroids, half_norms = self._centroids_and_half_norms()
+        # |x - c|^2 / 2 = |x|^2 / 2 + (|c|^2 / 2 - x.c); the first term is the same for all c.
+        return mx.argmin(half_norms - x @ centroids.T, axis=-1)
 
 
 class ResidualVectorQuantizer(nn.Module):
@@ -31,11 +49,8 @@ class ResidualVectorQuantizer(nn.Module):
         residual = self.input_proj(x)
         codes = []
         for book in self.codebooks[:n_q]:
-            centroids = book.centroids()
-            # argmin of the Euclidean distance; |r|^2 is the same for every centroid.
-            dist = 0.5 * mx.sum(centroids * centroids, axis=-1) - residual @ centroids.T
-            idx = mx.argmin(dist, axis=-1)
-            residual = residual - centroids[idx]
+            idx = book.nearest(residual)
+            residual = residual - book.centroids()[idx]
             codes.append(idx)
         return mx.stack(codes, axis=-1)
 
