@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.cache import ConcatenateKVCache
 
 
 @dataclass
@@ -26,7 +27,7 @@ def window_mask(q_pos: mx.array, k_pos: mx.array, context: int) -> mx.array:
     return (delta >= 0) & (delta < context)
 
 
-class RingKVCache:
+class RingKVCache(ConcatenateKVCache):
     """The last ``capacity`` keys/values, in time order.
 
     Upstream Mimi's streaming cache is a ring of exactly ``context`` slots: when a chunk of two
@@ -36,17 +37,13 @@ class RingKVCache:
     """
 
     def __init__(self, capacity: int):
+        super().__init__()
         self.capacity = capacity
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
-        self.offset = 0
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        if self.keys is not None:
-            keys = mx.concatenate([self.keys, keys], axis=2)
-            values = mx.concatenate([self.values, values], axis=2)
-        self.keys = keys[:, :, -self.capacity :]
-        self.values = values[:, :, -self.capacity :]
+        keys, values = super().update_and_fetch(keys, values)
+        self.keys, self.values = keys[:, :, -self.capacity :], values[:, :, -self.capacity :]
+        self.offset = self.keys.shape[2]
         return self.keys, self.values
 
 
@@ -111,17 +108,16 @@ class MimiTransformer(nn.Module):
     def step(self, x: mx.array) -> mx.array:
         if self._caches is None:
             self._caches = [RingKVCache(self.context) for _ in self.layers]
-        offset = self._caches[0].offset
-        T = x.shape[1]
-        n_keys = min(offset + T, self.context)
+            self._position = 0
+        start, T = self._position, x.shape[1]
+        n_keys = min(start + T, self.context)
         # Cached keys are the last n_keys positions in time order; only causality can mask them.
         mask = window_mask(
-            mx.arange(offset, offset + T), mx.arange(offset + T - n_keys, offset + T), self.context
+            mx.arange(start, start + T), mx.arange(start + T - n_keys, start + T), self.context
         )
-        for layer, cache in zip(self.layers, self._caches):
-            x = layer(x, mask, offset, cache)
-        for cache in self._caches:
-            cache.offset += T
+        for layer, cache in zip(self.layers, self._caches, strict=True):
+            x = layer(x, mask, start, cache)
+        self._position += T
         return x
 
     def reset(self) -> None:
