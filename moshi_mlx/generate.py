@@ -40,6 +40,10 @@ class LmGen:
         self.audio_sampler = _sampler(temp, top_k, cfg.card)
         if seed is not None:
             mx.random.seed(seed)
+        # One compiled graph for the 8 sequential depformer passes and their sampling.
+        self._depformer = mx.compile(
+            self.depformer_step, inputs=mx.random.state, outputs=mx.random.state
+        )
         self.reset()
 
     def reset(self) -> None:
@@ -91,15 +95,16 @@ class LmGen:
         z, text_logits = lm.temporal(lm.embed(tokens[:, :, None]), self.cache)
         self.last_text_logits = text_logits[:, -1].astype(mx.float32)
         text = self.text_sampler(self.last_text_logits)
-        audio = self.depformer_step(z, text)
+        audio, audio_logits = self._depformer(z, text)
+        self.last_audio_logits = [audio_logits[:, k] for k in range(cfg.dep_q)]
 
         self.offset += 1
         slot = self.offset % self._ring
         self.tokens[0][slot] = text
         for k in range(cfg.dep_q):
-            self.tokens[k + 1][slot] = audio[k]
+            self.tokens[k + 1][slot] = audio[:, k]
         if self.offset <= cfg.max_delay:
-            mx.eval(text, *audio)
+            mx.eval(text, audio)
             return None
         out = [
             self.tokens[s][(self.offset - cfg.max_delay + cfg.delays[s]) % self._ring]
@@ -109,17 +114,19 @@ class LmGen:
         mx.eval(out)
         return out
 
-    def depformer_step(self, z: mx.array, text: mx.array) -> list[mx.array]:
-        """Sample Moshi's ``dep_q`` audio codes for this step, one codebook after the other."""
+    def depformer_step(self, z: mx.array, text: mx.array) -> tuple[mx.array, mx.array]:
+        """Sample Moshi's ``dep_q`` audio codes for this step, one codebook after the other.
+
+        Returns the codes ``[B, dep_q]`` and their logits ``[B, dep_q, card]`` (float32).
+        """
         lm = self.lm
         cache = lm.new_depformer_cache()
         prev = text
-        audio, self.last_audio_logits = [], []
+        audio, logits = [], []
         for k in range(self.cfg.dep_q):
             x = lm.depformer_input(z, k, prev[:, None])
             h = lm.depformer_layers(x, [k], cache)
-            logits = lm.linears[k](h[:, -1]).astype(mx.float32)
-            prev = self.audio_sampler(logits)
+            logits.append(lm.linears[k](h[:, -1]).astype(mx.float32))
+            prev = self.audio_sampler(logits[-1])
             audio.append(prev)
-            self.last_audio_logits.append(logits)
-        return audio
+        return mx.stack(audio, axis=1), mx.stack(logits, axis=1)

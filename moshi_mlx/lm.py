@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.cache import ConcatenateKVCache, RotatingKVCache
 
 from .layers import MultiLinear, ZeroEmbedding
 
@@ -304,8 +304,9 @@ class Lm(nn.Module):
             x = layer(x, sets, cache)
         return x
 
-    def new_depformer_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in self.depformer.layers]
+    def new_depformer_cache(self) -> list[ConcatenateKVCache]:
+        # At most dep_q entries, rebuilt every frame: plain concatenation is cheapest.
+        return [ConcatenateKVCache() for _ in self.depformer.layers]
 
     # -- teacher forcing -----------------------------------------------------------------------
 
