@@ -226,34 +226,42 @@ def _leaves(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return tree_flatten(module.leaf_modules(), is_leaf=nn.Module.is_module)
 
 
-def _check_group_size(lm, group_size: int) -> None:
-    for name, leaf in _leaves(lm):
-        if hasattr(leaf, "to_quantized") and "weight" in leaf:
-            width = leaf.weight.shape[-1]
-            if width % group_size:
-                raise UserError(
-                    f"--q-group-size {group_size} does not divide the input width {width} of "
-                    f"{name} (widths that are multiples of 128 fit every group size)"
-                )
+def quantize(lm, bits: int, group_size: int) -> None:
+    """Upstream's quantization (every Linear and Embedding of the LM), lazily; a group size
+    that does not divide a layer's width is a user error naming the layer."""
+    from moshi_mlx.weights import indivisible_layers, quantize_lm
+
+    bad = indivisible_layers(lm, group_size)
+    if bad:
+        name, width = next(iter(bad.items()))
+        raise UserError(
+            f"--q-group-size {group_size} does not divide the input width {width} of {name} "
+            f"({len(bad)} layer(s); widths that are multiples of 128 fit every group size)"
+        )
+    quantize_lm(lm, bits, group_size)
 
 
-def build_random_lm(cfg, dtype: mx.Dtype, bits: int | None, group_size: int | None, progress):
-    """Random-weight ``Lm``, cast to ``dtype`` then quantized (as upstream: every Linear and
-    Embedding), materialized one leaf module at a time: parameters are lazy until evaluated,
-    so the float32 init of a 7B model never exists at once, nor its bf16 copy at 4 bits."""
-    from moshi_mlx import Lm
-
-    lm = Lm(cfg)
-    lm.set_dtype(dtype)
-    if bits:
-        _check_group_size(lm, group_size)
-        nn.quantize(lm, group_size=group_size, bits=bits)
+def materialize(lm, progress) -> None:
+    """Evaluate the LM's parameters one leaf module at a time: they are lazy until then, so a
+    7B in float32 (or its bf16 copy when quantizing) never exists at once."""
     leaves = [leaf for _, leaf in _leaves(lm)]
     task = progress.start("build LM", len(leaves))
     for leaf in leaves:
         mx.eval(leaf.parameters())
         progress.advance(task)
     progress.stop(task)
+    mx.eval(lm.parameters())
+
+
+def build_random_lm(cfg, dtype: mx.Dtype, bits: int | None, group_size: int | None, progress):
+    """Random-weight ``Lm`` cast to ``dtype`` and then quantized, as upstream does."""
+    from moshi_mlx import Lm
+
+    lm = Lm(cfg)
+    lm.set_dtype(dtype)
+    if bits:
+        quantize(lm, bits, group_size)
+    materialize(lm, progress)
     return lm
 
 
@@ -275,21 +283,6 @@ def build_random_mimi(cfg):
     return mimi
 
 
-def _load_converted(path: str):
-    """(lm, mimi) of a converted model folder or repo id through ``moshi_mlx.load``."""
-    import moshi_mlx
-
-    load = getattr(moshi_mlx, "load", None)
-    if load is None:
-        raise UserError(
-            "--hf-path needs moshi_mlx.load, missing in this version; use --random-weights"
-        )
-    loaded = load(path)
-    if hasattr(loaded, "lm"):
-        return loaded.lm, getattr(loaded, "mimi", None)
-    return loaded[0], loaded[1]
-
-
 def build_models(args, progress) -> dict:
     """The models to time and a description of them."""
     from moshi_mlx import MimiConfig, load_mimi
@@ -304,18 +297,18 @@ def build_models(args, progress) -> dict:
     group_size = args.q_group_size or (DEFAULT_GROUP_SIZE[bits] if bits else None)
 
     if args.hf_path:
-        lm, mimi = _load_converted(args.hf_path)
+        from moshi_mlx import load
+
+        lm, mimi, _ = load(args.hf_path, dtype=args.dtype, lazy=True)
         info["model"] = args.hf_path
         if args.no_lm:
             lm = None
         elif bits and _is_quantized(lm):
             raise UserError("this model is already quantized; -q applies to float models")
         else:
-            lm.set_dtype(DTYPES[args.dtype])
             if bits:
-                _check_group_size(lm, group_size)
-                nn.quantize(lm, group_size=group_size, bits=bits)
-            mx.eval(lm.parameters())
+                quantize(lm, bits, group_size)
+            materialize(lm, progress)
     elif not args.no_lm:
         cfg = lm_config_from_args(args)
         info["model"] = f"random weights, config {args.config or 'moshiko-7b'}"
@@ -329,12 +322,21 @@ def build_models(args, progress) -> dict:
     elif mimi is None:
         mimi = build_random_mimi(mimi_cfg or MimiConfig())
         info["mimi"] = "random weights" + (f", config {args.mimi_config}" if mimi_cfg else "")
-
+    else:
+        info["mimi"] = f"{args.hf_path} (Mimi)"
+    if mimi is not None:
+        mx.eval(mimi.parameters())
     if lm is not None:
-        info["quant"] = {"bits": bits, "group_size": group_size} if bits else None
-        if not bits and _is_quantized(lm):
-            info["quant"] = "as loaded"
-    return {"lm": lm, "mimi": mimi, "info": info, "mimi_default_cfg": mimi_cfg is None}
+        info["quant"] = _quantization(lm)
+    return {"lm": lm, "mimi": mimi, "info": info}
+
+
+def _quantization(lm) -> dict | None:
+    """``{bits, group_size}`` of the LM's (first) quantized layer, None if it is float."""
+    for _, leaf in _leaves(lm):
+        if "scales" in leaf:
+            return {"bits": leaf.bits, "group_size": leaf.group_size}
+    return None
 
 
 # -- generation set-up -----------------------------------------------------------------------
@@ -367,26 +369,40 @@ def make_gen(lm, sampler: str, seed: int):
     return gen
 
 
+# The callable through which LmGen.step runs the depth transformer, first match wins: the
+# compiled one when LmGen compiles it, else the plain method.
+DEPTH_STAGE = ("depth_stage", "_depformer", "depformer_step")
+
+
 class StageClock:
-    """Splits ``LmGen.step`` at its call of ``depformer_step`` (syncing around it): the time
-    before is the temporal stage (+ text sampling), the call itself the depth stage."""
+    """Splits ``LmGen.step`` at its call of the depth stage (``DEPTH_STAGE``), syncing around it:
+    the time before is the temporal stage (+ text sampling), the call itself the depth stage
+    (+ audio sampling). ``marks`` stays None if ``step`` never calls it."""
 
     def __init__(self, gen):
         self.gen = gen
-        self.inner = gen.depformer_step
+        self.name = next((n for n in DEPTH_STAGE if hasattr(gen, n)), None)
         self.marks: tuple[float, float] | None = None
-        gen.depformer_step = self._step
+        if self.name is not None:
+            self.had_own = self.name in vars(gen)
+            self.inner = getattr(gen, self.name)
+            setattr(gen, self.name, self._step)
 
-    def _step(self, z, text):
-        mx.eval(z, text)
+    def _step(self, *args, **kwargs):
+        mx.eval(args)
         t0 = time.perf_counter()
-        audio = self.inner(z, text)
-        mx.eval(audio)
+        out = self.inner(*args, **kwargs)
+        mx.eval(out)
         self.marks = (t0, time.perf_counter())
-        return audio
+        return out
 
     def close(self) -> None:
-        del self.gen.depformer_step  # back to the class method
+        if self.name is None:
+            return
+        if self.had_own:
+            setattr(self.gen, self.name, self.inner)
+        else:
+            delattr(self.gen, self.name)  # back to the class attribute
 
 
 # -- timing ----------------------------------------------------------------------------------
@@ -638,7 +654,9 @@ def report(models: dict, passes: dict[str, Pass], args, build: dict) -> dict:
         if name in st:
             _stage(r, name, st[name])
     if lm is not None and "temporal" not in st:
-        r["stage_note"] = "LmGen.step does not call depformer_step: no temporal/depth split"
+        r["stage_note"] = (
+            f"LmGen.step calls none of {', '.join(DEPTH_STAGE)}: no temporal/depth split"
+        )
     if "lm" in st:
         _stage(r, "stages_frame", passes["stages"].wall_ms)
         r["stages_timing"] = "a sync after each stage (temporal includes text sampling)"
@@ -687,8 +705,7 @@ def reference_records(models: dict, passes: dict[str, Pass], args, build: dict) 
             "bench": "lm_step",
             **common,
             "config": ref_config_description(lm.cfg, args.dep_dim is not None),
-            "quant": f"q{q['bits']} group_size {q['group_size']}" if isinstance(q, dict)
-            else "none" if q is None else str(q),
+            "quant": f"q{q['bits']} group_size {q['group_size']}" if q else "none",
             "dtype": SHORT_DTYPE[args.dtype],
             "sampler": REF_SAMPLER[args.sampler],
             "timing": passes["lm"].timing(),
@@ -701,7 +718,9 @@ def reference_records(models: dict, passes: dict[str, Pass], args, build: dict) 
         if timing is None:
             raise UserError("no frame reached Mimi decode: raise --warmup or --steps")
         timing["cpu_util"] = None
-        default = models["mimi_default_cfg"]
+        from moshi_mlx import MimiConfig
+
+        default = mimi.cfg == MimiConfig()
         out.append({
             "bench": "mimi_mlx_stream_frame",
             **common,

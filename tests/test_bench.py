@@ -11,10 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 from conftest import MIMI_DIR
 from moshi_mlx.app import bench
 from moshi_mlx.app.cli import main
+
+import moshi_mlx
 
 TINY_LM = {
     "dim": 64, "text_card": 64, "n_q": 16, "dep_q": 8, "card": 2048, "num_heads": 2,
@@ -115,6 +118,29 @@ def test_json_out_appends_reference_records(capsys, tiny_config, tmp_path):
     assert sum(line.startswith("RESULT_JSON {") for line in out.splitlines()) == 2
 
 
+def test_default_sampler_is_top_p(tiny_config):
+    # Token 1 holds 3 % of the mass: plain sampling draws it about 12 times in 400, top-p 0.95
+    # never (the reference's default Sampler()).
+    cfg = bench.lm_config_from_args(scale_args(config=tiny_config))
+    gen = bench.make_gen(moshi_mlx.Lm(cfg), "top-p", seed=0)
+    row = mx.array([0.0, -3.5] + [-1e9] * (cfg.text_card - 2))  # e^-3.5 / (1 + e^-3.5) = 3 %
+    logits = mx.broadcast_to(row, (400, cfg.text_card))
+    tokens = gen.text_sampler(logits)
+    assert mx.all(tokens == 0).item()
+    plain = bench.make_gen(moshi_mlx.Lm(cfg), "top-k", seed=0)  # top-k 25 keeps token 1
+    assert mx.sum(plain.text_sampler(logits) == 1).item() > 0
+
+
+def test_converted_model_from_a_folder(capsys, pytorch_repo):
+    argv = ["--hf-path", str(pytorch_repo), "--steps", "2", "--warmup", "1", "--json"]
+    code, out, _ = run_bench(capsys, *argv)
+    assert code == 0
+    result = json.loads(out)
+    assert result["model"] == str(pytorch_repo) and result["quant"] is None
+    assert result["config"]["dim"] == 64  # the fixture LM, not a preset
+    assert result["frame_ms_p50"] > 0 and result["mimi_ms_p50"] > 0
+
+
 def scale_args(**kw) -> argparse.Namespace:
     base = dict(config=None, dim=None, heads=None, layers=None, dep_dim=None, dep_heads=None,
                 dep_layers=None, context=None, text_card=None)  # fmt: skip
@@ -164,6 +190,7 @@ def test_config_presets_and_json(tiny_config):
         (["--no-lm", "--mimi-weights", "/nonexistent/mimi.safetensors"], "file not found"),
         (["--random-weights", "--no-lm", "--no-mimi"], "nothing to time"),
         (["--random-weights", "--steps", "0"], "--steps must be at least 1"),
+        (["--hf-path", "/nonexistent/model"], "no such folder"),
     ],
 )
 def test_errors_are_one_line(capsys, argv, message):
@@ -180,7 +207,7 @@ def test_group_size_that_does_not_divide_a_width_is_refused(capsys, tmp_path):
     )
     assert code == 1
     assert len(err.strip().splitlines()) == 1
-    assert "--q-group-size 64 does not divide the input width 96" in err
+    assert "--q-group-size 64 does not divide the input width 96 of " in err
 
 
 def test_bench_does_not_import_audio_devices():
