@@ -107,6 +107,10 @@ class _Bar:
             self.progress.stop()
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
 def main(args: argparse.Namespace) -> int:
     _check(args)
     with _Bar() as bar:
@@ -132,7 +136,7 @@ def main(args: argparse.Namespace) -> int:
         lm += f" ({len(result.skipped)} layer(s) kept in {result.dtype})"
     print(
         f"wrote {result.path}: LM {lm} in {len(result.lm_files)} file(s), Mimi float32, "
-        f"tokenizer; {result.bytes_written / 1e9:.2f} GB in {result.seconds:.1f} s, "
-        f"peak MLX memory {result.peak_memory / 1e9:.2f} GB, max RSS {result.max_rss / 1e9:.2f} GB"
+        f"tokenizer; {_size(result.bytes_written)} in {result.seconds:.1f} s, peak MLX memory "
+        f"{_size(result.peak_memory)}, max RSS {_size(result.max_rss)}"
     )
     return 0

@@ -1,0 +1,211 @@
+"""Measurements behind the README's conversion figures (not used by the converter itself).
+
+``python -m moshi_mlx.convert.measure quality``: what 8-bit and 4-bit quantization do to
+teacher-forced logits of the fixture LMs (needs ``tests/fixtures``).
+``python -m moshi_mlx.convert.measure memory --size medium``: writes a random checkpoint in
+Kyutai's PyTorch layout to a temporary folder and converts it in a fresh process, reporting
+time, peak MLX memory and max RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from moshi_mlx.lm import Lm, LmConfig
+from moshi_mlx.loading import load_lm
+from moshi_mlx.weights import quantize_lm
+
+# ---- logit error -----------------------------------------------------------------------------
+
+
+def logit_error(model: Lm, reference: Lm, codes: mx.array) -> dict:
+    """Teacher-forced logits of ``model`` against ``reference`` on ``codes`` ``[1, 17, T]``:
+    max / mean absolute error and top-1 agreement, text and audio, valid positions only."""
+    t_ref, a_ref, t_mask, a_mask = reference(codes)
+    t, a, _, _ = model(codes)
+    out = {}
+    for name, x, ref, mask in (("text", t, t_ref, t_mask), ("audio", a, a_ref, a_mask)):
+        err = mx.where(mask[..., None], mx.abs(x - ref), 0.0)
+        n = mask.sum().item()
+        out[name] = {
+            "max": err.max().item(),
+            "mean": err.sum().item() / (n * x.shape[-1]),
+            "top1": ((x.argmax(-1) == ref.argmax(-1)) & mask).sum().item(),
+            "positions": n,
+            "std": mx.sqrt(mx.where(mask[..., None], ref * ref, 0.0).sum() / (n * x.shape[-1]))
+            .item(),
+        }
+    return out
+
+
+def quantized_copy(weights, config, bits: int, group_size: int) -> tuple[Lm, float]:
+    """The LM quantized from its stored (bf16) weights as ``convert -q --skip-indivisible``
+    does, computing in float32; also the fraction of LM weights that got quantized."""
+    model = load_lm(weights, config, dtype=None)
+    sizes = {k: v.size for k, v in tree_flatten(model.parameters())}
+    skipped = quantize_lm(model, bits, group_size, skip_indivisible=True)
+    kept = sum(n for k, n in sizes.items() if any(k.startswith(s + ".") for s in skipped))
+    model.set_dtype(mx.float32)  # scales and norms upcast exactly: only quantization differs
+    return model, 1 - kept / sum(sizes.values())
+
+
+def random_codes(cfg: LmConfig, steps: int, seed: int) -> mx.array:
+    rng = np.random.default_rng(seed)
+    text = rng.integers(0, cfg.text_card, (1, 1, steps))
+    audio = rng.integers(0, cfg.card, (1, cfg.n_q, steps))
+    return mx.array(np.concatenate([text, audio], axis=1))
+
+
+QUALITY_MODELS = {
+    # name: (folder under tests/fixtures, teacher-forced codes)
+    "fixture LM": ("lm", "tf_codes"),
+    "upstream_mlx/quant LM": ("upstream_mlx/quant", None),
+}
+
+
+def quality(fixtures: Path) -> list[dict]:
+    rows = []
+    for name, (sub, codes_name) in QUALITY_MODELS.items():
+        folder = fixtures / sub
+        weights = folder / ("weights.safetensors" if sub == "lm" else "model.safetensors")
+        config = folder / "config.json"
+        reference = load_lm(weights, config)
+        codes = (
+            mx.load(str(folder / "io.safetensors"))[codes_name]
+            if codes_name
+            else random_codes(reference.cfg, 12, seed=4)
+        )
+        bf16 = load_lm(weights, config, dtype=mx.bfloat16)
+        rows.append({"model": name, "weights": "bf16 compute", **logit_error(bf16, reference, codes)})
+        for bits in (8, 4):
+            for group_size in (32, 64):
+                model, frac = quantized_copy(weights, config, bits, group_size)
+                err = logit_error(model, reference, codes)
+                rows.append(
+                    {"model": name, "weights": f"q{bits} g{group_size}", "quantized": frac, **err}
+                )
+    return rows
+
+
+def print_quality(rows: list[dict]) -> None:
+    print(
+        "| model | weights | share quantized | text max err | text mean err | text top-1 "
+        "| audio max err | audio mean err | audio top-1 |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        t, a = r["text"], r["audio"]
+        share = f"{r['quantized']:.1%}" if "quantized" in r else "-"
+        print(
+            f"| {r['model']} | {r['weights']} | {share} | {t['max']:.3f} | {t['mean']:.4f} "
+            f"| {t['top1']}/{t['positions']} | {a['max']:.3f} | {a['mean']:.4f} "
+            f"| {a['top1']}/{a['positions']} |"
+        )
+    for r in rows[:: len(rows) // len(QUALITY_MODELS)]:
+        print(f"logit rms, {r['model']}: text {r['text']['std']:.2f}, audio {r['audio']['std']:.2f}")
+
+
+# ---- memory ----------------------------------------------------------------------------------
+
+SIZES = {
+    "fixture": None,  # the tests' fixture LM
+    "medium": LmConfig(
+        dim=1024,
+        num_heads=16,
+        num_layers=8,
+        depformer_dim=512,
+        depformer_num_heads=8,
+        depformer_num_layers=2,
+        depformer_dim_feedforward=2112,
+        context=3000,
+    ),
+}
+
+
+def pytorch_name(name: str) -> str:
+    """Our LM parameter name -> the released PyTorch checkpoint's."""
+    name = re.sub(r"\.self_attn\.in_proj\.weight$", ".self_attn.in_proj_weight", name)
+    return re.sub(r"(norm\d?)\.weight$", r"\1.alpha", name)
+
+
+def write_random_pytorch_lm(path: Path, cfg: LmConfig, seed: int = 0) -> int:
+    """A random LM in Kyutai's released PyTorch layout (bf16), generated lazily and written
+    tensor by tensor (so the generator stays small too)."""
+    from .streaming import write_safetensors
+
+    tensors = {}
+    for i, (name, p) in enumerate(tree_flatten(Lm(cfg).parameters())):
+        if re.search(r"norm\d?\.weight$", name):
+            value = mx.ones((1, 1, p.shape[0]), mx.bfloat16)
+        else:
+            key = mx.random.key(seed * 100_003 + i)
+            value = mx.random.normal(p.shape, mx.bfloat16, scale=0.02, key=key)
+        tensors[pytorch_name(name)] = value
+    nbytes = write_safetensors(path, tensors)
+    mx.clear_cache()
+    return nbytes
+
+
+def memory(size: str, fixtures: Path, extra: list[str]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if SIZES[size] is None:
+            lm, lm_config = fixtures / "lm/weights.safetensors", fixtures / "lm/config.json"
+        else:
+            lm, lm_config = tmp / "model.safetensors", tmp / "config.json"
+            t = time.perf_counter()
+            nbytes = write_random_pytorch_lm(lm, SIZES[size])
+            lm_config.write_text(__import__("json").dumps(SIZES[size].to_dict()))
+            print(f"random {size} LM: {nbytes / 1e9:.2f} GB bf16 in {time.perf_counter() - t:.0f} s")
+        cmd = [sys.executable, "-m", "moshi_mlx.app", "convert", "--moshi-weights", str(lm),
+               "--lm-config", str(lm_config), "--mimi-weights",
+               str(fixtures / "mimi/weights.safetensors"), "--mimi-config",
+               str(fixtures / "mimi/config.json"), "--tokenizer", str(_tokenizer(tmp)),
+               "--mlx-path", str(tmp / "out"), *extra]  # fmt: skip
+        baseline = subprocess.run(
+            [sys.executable, "-c", "import moshi_mlx.convert.convert, resource; "
+             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, else KiB
+        print(f"max RSS of the imports alone: {int(baseline) * scale / 1e6:.0f} MB")
+        print(" ".join(extra) or "no flags", "->", subprocess.run(
+            cmd, capture_output=True, text=True, check=True).stdout.strip())  # fmt: skip
+
+
+def _tokenizer(folder: Path) -> Path:
+    import sentencepiece as spm
+
+    corpus = folder / "corpus.txt"
+    corpus.write_text("moshi listens and speaks at the same time\n" * 50)
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "spm"), vocab_size=32,
+        pad_id=3, unk_id=0, bos_id=1, eos_id=2, minloglevel=2, hard_vocab_limit=False,
+    )  # fmt: skip
+    return folder / "spm.model"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["quality", "memory"])
+    parser.add_argument("--fixtures", type=Path, default=Path("tests/fixtures"))
+    parser.add_argument("--size", choices=list(SIZES), default="medium")
+    args, extra = parser.parse_known_args(argv)
+    if args.what == "quality":
+        print_quality(quality(args.fixtures))
+    else:
+        memory(args.size, args.fixtures, extra)
+
+
+if __name__ == "__main__":
+    main()
