@@ -1,0 +1,416 @@
+"""``moshi-mlx chat``: talk with Moshi, full duplex, microphone -> Mimi -> LM -> Mimi -> speakers.
+
+Three threads: PortAudio's callback only moves numpy frames through two bounded queues
+(``audio.DuplexAudio``); one compute thread owns every MLX array (it loads the model, warms it
+up and runs ``loop.drive`` over the microphone frames, applying the ``LagPolicy``); the main
+thread draws the screen, watches the stream and handles Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import queue
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .audio import (
+    DuplexAudio,
+    LagPolicy,
+    MicBlock,
+    MoshiFrame,
+    NativeStderrFilter,
+    choose_devices,
+    import_sounddevice,
+    list_devices,
+    one_line,
+)
+from .cli import UserError
+from .display import make_screen
+from .loop import FRAME, FRAME_S, FrameDriver, Step, drive
+from .model_args import (
+    add_model_arguments,
+    add_sampling_arguments,
+    load_model,
+    model_name,
+    sampling_from_args,
+)
+from .recording import Recorder
+from .wavio import temp_beside
+
+HELP = "talk with Moshi: microphone -> Moshi -> speakers, full duplex, with a live transcript"
+DEFAULT_MAX_LAG_MS = 400.0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    add_sampling_arguments(p)
+    g = p.add_argument_group("audio")
+    g.add_argument("--list-devices", action="store_true", help="list the sound devices and exit")
+    g.add_argument("--input-device", help="microphone: device index or (part of a) name")
+    g.add_argument("--output-device", help="speakers: device index or (part of a) name")
+    g.add_argument(
+        "--max-lag-ms",
+        type=float,
+        default=DEFAULT_MAX_LAG_MS,
+        help="most audio that may wait in the app's queues when compute falls behind; older "
+        f"frames are dropped beyond it (default {DEFAULT_MAX_LAG_MS:g}, at least 80)",
+    )
+    g.add_argument(
+        "--device-latency",
+        default="low",
+        help="PortAudio buffering: 'low', 'high' or seconds (raise it if the sound crackles)",
+    )
+    g.add_argument(
+        "--record",
+        metavar="PATH",
+        help="save the conversation: stereo WAV (left microphone, right Moshi) and a "
+        "timestamped transcript beside it (PATH with .txt)",
+    )
+    # For tests and debugging, not shown in --help.
+    g.add_argument("--debug-dump", metavar="NPZ", help=argparse.SUPPRESS)
+    g.add_argument("--debug-slow-ms", type=float, default=0.0, help=argparse.SUPPRESS)
+    g.add_argument("--status-every", type=float, default=5.0, help=argparse.SUPPRESS)
+
+
+def main(args: argparse.Namespace) -> int:
+    with NativeStderrFilter():
+        sd = import_sounddevice()
+        if args.list_devices:
+            print(list_devices(sd))
+            return 0
+        return Chat(args, sd).run()
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if not args.max_lag_ms >= FRAME_S * 1000:
+        raise UserError(f"--max-lag-ms must be at least {FRAME_S * 1000:g} (one frame)")
+    if args.device_latency not in ("low", "high"):
+        try:
+            args.device_latency = float(args.device_latency)
+        except ValueError:
+            raise UserError("--device-latency must be 'low', 'high' or seconds") from None
+    for flag, path in (("--record", args.record), ("--debug-dump", args.debug_dump)):
+        if path:
+            p = Path(path)
+            if p.is_dir():
+                raise UserError(f"{flag} {path} is a folder; give a file name")
+            if not p.parent.is_dir():
+                raise UserError(f"{flag}: the folder {p.parent} does not exist")
+            if not os.access(p.parent, os.W_OK):
+                raise UserError(f"{flag}: cannot write to {p.parent}")
+
+
+class Chat:
+    def __init__(self, args: argparse.Namespace, sd):
+        self.args, self.sd = args, sd
+        self.stop = threading.Event()
+        self.screen = None
+
+    def run(self) -> int:
+        args = self.args
+        _check_args(args)
+        sampling = sampling_from_args(args)
+        devices = choose_devices(self.sd, args.input_device, args.output_device)
+        screen = self.screen = make_screen(status_every_s=args.status_every)
+        screen.info(f"microphone: {devices.input_name} | speakers: {devices.output_name}")
+        screen.info(f"loading {model_name(args)}")
+        max_waiting = int(args.max_lag_ms // (FRAME_S * 1000))
+        worker = ComputeWorker(args, sampling, max_waiting)
+        restore = self._catch_signals()
+        worker.start()
+        audio = recorder = None
+        failure = None
+        try:
+            while not worker.ready.wait(0.1):
+                self._pump(worker)
+                if worker.error is not None:
+                    raise worker.error
+                if self.stop.is_set():
+                    screen.info("stopped before the conversation started")
+                    worker.halt.set()
+                    return 0
+            self._pump(worker)
+            audio = DuplexAudio(self.sd, devices, max_waiting, args.device_latency)
+            recorder = Recorder(args.record) if args.record else None
+            worker.attach(audio, recorder)
+            try:
+                audio.start()
+            except self.sd.PortAudioError as e:
+                raise UserError(f"cannot start the sound devices: {one_line(e)}") from None
+            worker.go.set()
+            screen.ready("listening: speak now (Ctrl-C to stop)")
+            failure = self._converse(worker, audio)
+        finally:
+            if audio is not None:
+                audio.stop()
+            worker.halt.set()
+            worker.join(timeout=30)
+            self._pump(worker)
+            screen.close()
+            restore()
+            if audio is not None:
+                self._finish(worker, audio, recorder)
+        if failure:
+            raise UserError(failure)
+        return 0
+
+    def _converse(self, worker: ComputeWorker, audio: DuplexAudio) -> str | None:
+        """Runs until Ctrl-C (None) or a failure (its one-line message)."""
+        screen = self.screen
+        while not self.stop.wait(0.1):
+            self._pump(worker)
+            screen.tick()
+            if worker.error is not None:
+                raise worker.error
+            if audio.failed.is_set() or not audio.active:
+                return (
+                    "the audio stream stopped: a sound device failed or was disconnected "
+                    "(see `moshi-mlx chat --list-devices`)"
+                )
+        return None
+
+    def _pump(self, worker: ComputeWorker) -> None:
+        screen = self.screen
+        while True:
+            try:
+                kind, value = worker.events.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "info":
+                screen.info(value)
+            elif kind == "text":
+                screen.text(value)
+        if worker.snapshot is not None:
+            screen.stats(worker.snapshot)
+
+    def _finish(self, worker: ComputeWorker, audio: DuplexAudio, recorder) -> None:
+        if recorder is not None:
+            worker.flush_text()
+            wav, txt = recorder.close()
+            self.screen.info(f"recording: {wav} (transcript: {txt})")
+        if self.args.debug_dump:
+            worker.write_dump(self.args.debug_dump)
+        self.screen.summary(worker.summary())
+
+    def _catch_signals(self):
+        """Ctrl-C (and SIGTERM) ask for a clean stop; a second Ctrl-C interrupts at once."""
+
+        def on_signal(signum, frame):
+            if self.stop.is_set():
+                raise KeyboardInterrupt
+            self.stop.set()
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def restore():
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+        return restore
+
+
+def _median(values) -> float | None:
+    return float(np.median(values)) if len(values) else None
+
+
+class ComputeWorker(threading.Thread):
+    """The one thread that touches MLX: loads the model, warms it up, then turns microphone
+    frames into Moshi frames until ``halt`` is set."""
+
+    def __init__(self, args: argparse.Namespace, sampling, max_waiting: int):
+        super().__init__(name="moshi-compute", daemon=True)
+        self.args, self.sampling = args, sampling
+        self.policy = LagPolicy(max_waiting)
+        self.events: queue.Queue = queue.Queue()
+        self.ready, self.go, self.halt = threading.Event(), threading.Event(), threading.Event()
+        self.error: BaseException | None = None
+        self.snapshot: dict | None = None
+        self.audio: DuplexAudio | None = None
+        self.recorder: Recorder | None = None
+        self.pending: dict[int, tuple[np.ndarray, str]] = {}  # computed, not played yet
+        self.compute_s: list[float] = []
+        self.latency_s: list[float] = []
+        self.blocks = 0  # microphone blocks taken from the queue
+        self.last_block = -1
+        self.dropped_mic = self.dropped_speaker = 0
+        self.t0 = None
+        dump = args.debug_dump is not None
+        self.dump: dict[str, list] | None = {k: [] for k in _DUMP_KEYS} if dump else None
+
+    def attach(self, audio: DuplexAudio, recorder: Recorder | None) -> None:
+        self.audio, self.recorder = audio, recorder
+
+    def run(self) -> None:
+        try:
+            lm, mimi, tokenizer = load_model(self.args, report=self._info)
+            self.no_codes = np.full(lm.cfg.dep_q, -1)
+            driver = FrameDriver(
+                lm, mimi, tokenizer, self.sampling, slow_s=self.args.debug_slow_ms / 1000
+            )
+            self._info("warming up")
+            seconds = driver.warmup()
+            self._info(f"warm-up done in {seconds:.1f} s")
+            self.ready.set()
+            while not self.go.wait(0.05):
+                if self.halt.is_set():
+                    return
+            self.t0 = time.monotonic()
+            drive(driver, self._mic_frames(), self._on_step)
+        except BaseException as e:  # handed to the main thread, which raises it
+            self.error = e
+
+    def _info(self, message: str) -> None:
+        self.events.put(("info", message))
+
+    # -- the source: microphone frames, minus what the lag policy drops --------------------
+    def _mic_frames(self):
+        audio = self.audio
+        while not self.halt.is_set():
+            try:
+                block = audio.mic.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            self._account(block)
+            decision = self.policy.decide(audio.mic.qsize(), audio.speaker.qsize())
+            self._dump_block(block, decision)
+            if decision == LagPolicy.DROP_MIC:
+                self.dropped_mic += 1
+                self._publish()
+                continue
+            if decision == LagPolicy.DROP_SPEAKER:
+                try:
+                    self._discard(audio.speaker.get_nowait())
+                except queue.Empty:
+                    pass
+            yield block
+
+    def _account(self, block: MicBlock) -> None:
+        """Book-keeping for one callback: what it played, the recording, the latency."""
+        self.blocks += 1
+        self.last_block = block.index
+        played, text = self.pending.pop(block.played, (None, ""))
+        if block.played >= 0 and not math.isnan(block.played_latency):
+            self.latency_s.append(block.played_latency + FRAME_S)
+        if self.recorder is not None:
+            self.recorder.block(block.index, block.pcm, played, block.dac - block.adc)
+            if text:
+                self.recorder.text(block.index, text)
+
+    def _discard(self, frame: MoshiFrame) -> None:
+        """A computed Moshi frame that will never play (dropped by the lag policy)."""
+        self.dropped_speaker += 1
+        _, text = self.pending.pop(frame.step, (None, ""))
+        if text and self.recorder is not None:
+            self.recorder.text(self.last_block + 1, text)
+
+    # -- the sink: computed frames to the speaker queue -------------------------------------
+    def _on_step(self, block: MicBlock, step: Step) -> None:
+        self.pending[step.index] = (step.pcm, step.text)
+        frame = MoshiFrame(step.index, block.adc, step.pcm)
+        try:
+            self.audio.speaker.put_nowait(frame)
+        except queue.Full:
+            self._discard(frame)
+        if step.text:
+            self.events.put(("text", step.text))
+        self.compute_s.append(step.compute_s)
+        if self.dump is not None:
+            d = self.dump
+            d["step_block"].append(block.index)
+            d["step_pcm_in"].append(block.pcm)
+            d["step_pcm_out"].append(step.pcm)
+            d["step_user_codes"].append(step.user_codes)
+            d["step_codes"].append(step.codes if step.codes is not None else self.no_codes)
+            d["step_text"].append(-1 if step.text_id is None else step.text_id)
+            d["step_compute_s"].append(step.compute_s)
+        self._publish()
+
+    def _dump_block(self, block: MicBlock, decision: str) -> None:
+        if self.dump is not None:
+            d = self.dump
+            d["block_index"].append(block.index)
+            d["block_played"].append(block.played)
+            d["block_played_latency"].append(block.played_latency)
+            d["block_device_latency"].append(block.dac - block.adc)
+            d["block_dropped"].append(decision == LagPolicy.DROP_MIC)
+            d["block_waiting"].append(self.audio.mic.qsize() + self.audio.speaker.qsize())
+
+    def _publish(self) -> None:
+        audio = self.audio
+        compute = _median(self.compute_s[-50:])
+        latency = _median(self.latency_s[-25:])
+        self.snapshot = {
+            "t": 0.0 if self.t0 is None else time.monotonic() - self.t0,
+            "frames": len(self.compute_s),
+            "compute_ms": None if compute is None else compute * 1000,
+            "rtf": None if compute is None else compute / FRAME_S,
+            "latency_ms": None if latency is None else latency * 1000,
+            "mic_queue": audio.mic.qsize(),
+            "speaker_queue": audio.speaker.qsize(),
+            "dropped": self.dropped_mic + self.dropped_speaker + audio.overflows,
+            "underruns": audio.underruns,
+        }
+
+    def flush_text(self) -> None:
+        """Text of frames computed but never played still belongs in the transcript."""
+        for step in sorted(self.pending):
+            _, text = self.pending.pop(step)
+            if text and self.recorder is not None:
+                self.recorder.text(self.last_block + 1, text)
+
+    def summary(self) -> dict:
+        audio = self.audio
+        compute = _median(self.compute_s)
+        latency = _median(self.latency_s)
+        fields = {
+            "duration_s": f"{audio.blocks * FRAME_S:.1f}",
+            "frames": len(self.compute_s),
+            "blocks": audio.blocks,
+            "dropped": self.dropped_mic + self.dropped_speaker + audio.overflows,
+            "dropped_mic": self.dropped_mic,
+            "dropped_speaker": self.dropped_speaker,
+            "lost": audio.overflows,
+            "underruns": audio.underruns,
+            "compute_ms_median": "-" if compute is None else f"{compute * 1000:.1f}",
+            "rtf_median": "-" if compute is None else f"{compute / FRAME_S:.2f}",
+            "latency_ms_median": "-" if latency is None else f"{latency * 1000:.0f}",
+            "latency_ms_max": "-" if not self.latency_s else f"{max(self.latency_s) * 1000:.0f}",
+        }
+        for flag, n in sorted(audio.flags.items()):
+            fields[flag] = n
+        return fields
+
+    def write_dump(self, path: str) -> None:
+        """Everything the compute thread saw and made, for tests (``--debug-dump``)."""
+        d = self.dump
+        arrays = {k: np.asarray(v) for k, v in d.items() if not k.startswith("step_") or v}
+        arrays["max_waiting"] = np.asarray(self.policy.max_waiting)
+        arrays["frame"] = np.asarray(FRAME)
+        path = Path(path)
+        tmp = temp_beside(path)
+        with open(tmp, "xb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+
+
+_DUMP_KEYS = (
+    "block_index",
+    "block_played",
+    "block_played_latency",
+    "block_device_latency",
+    "block_dropped",
+    "block_waiting",
+    "step_block",
+    "step_pcm_in",
+    "step_pcm_out",
+    "step_user_codes",
+    "step_codes",
+    "step_text",
+    "step_compute_s",
+)

@@ -1,0 +1,173 @@
+"""What ``chat`` shows: a live rich screen on a terminal, plain lines otherwise.
+
+Both screens take the same calls from the main thread: ``info`` (start-up progress), ``ready``,
+``text`` (a streamed piece of Moshi's transcript), ``stats`` (a status snapshot), ``tick``
+(called a few times a second), ``close`` and ``summary``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def status_fields(s: dict) -> dict[str, str]:
+    """The status snapshot as display strings, shared by both screens."""
+
+    def ms(v):
+        return "-" if v is None else f"{v:.0f}"
+
+    return {
+        "t": f"{s['t']:.1f}",
+        "frames": str(s["frames"]),
+        "compute_ms": ms(s["compute_ms"]),
+        "rtf": "-" if s["rtf"] is None else f"{s['rtf']:.2f}",
+        "latency_ms": ms(s["latency_ms"]),
+        "mic_queue": str(s["mic_queue"]),
+        "speaker_queue": str(s["speaker_queue"]),
+        "dropped": str(s["dropped"]),
+        "underruns": str(s["underruns"]),
+    }
+
+
+class PlainScreen:
+    """Line by line, for pipes and logs: progress, transcript lines (broken at pauses) and a
+    ``status key=value ...`` line every ``every_s`` seconds."""
+
+    def __init__(self, out=None, every_s: float = 5.0, pause_s: float = 1.0):
+        self.out = out or sys.stdout
+        self.every_s = every_s
+        self.pause_s = pause_s
+        self.line = ""
+        self._last_piece = 0.0
+        self._last_status = time.monotonic()
+        self._stats: dict | None = None
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def info(self, message: str) -> None:
+        self._print(message)
+
+    def ready(self, message: str) -> None:
+        self._print(message)
+        self._last_status = time.monotonic()
+
+    def text(self, piece: str) -> None:
+        now = time.monotonic()
+        if self.line and (now - self._last_piece >= self.pause_s or len(self.line) > 100):
+            self._flush_line()
+        self.line += piece
+        self._last_piece = now
+
+    def _flush_line(self) -> None:
+        if self.line.strip():
+            self._print(f"moshi: {self.line.strip()}")
+        self.line = ""
+
+    def stats(self, snapshot: dict) -> None:
+        self._stats = snapshot
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if self.line and now - self._last_piece >= self.pause_s:
+            self._flush_line()
+        if self._stats and now - self._last_status >= self.every_s:
+            self._last_status = now
+            fields = status_fields(self._stats)
+            self._print("status " + " ".join(f"{k}={v}" for k, v in fields.items()))
+
+    def close(self) -> None:
+        self._flush_line()
+
+    def summary(self, fields: dict) -> None:
+        self._print("summary " + " ".join(f"{k}={v}" for k, v in fields.items()))
+
+
+class RichScreen:
+    """A live screen: Moshi's transcript in a panel that scrolls, and a status line under it."""
+
+    def __init__(self, console=None):
+        from rich.console import Console
+
+        self.console = console or Console()
+        self.transcript = ""
+        self._stats: dict | None = None
+        self._live = None
+        self._ready_message = ""
+
+    def info(self, message: str) -> None:
+        self.console.print(f"[dim]•[/dim] {message}")
+
+    def ready(self, message: str) -> None:
+        from rich.live import Live
+
+        self.console.print(f"[bold green]●[/bold green] [bold]{message}[/bold]")
+        self._ready_message = message
+        self._live = Live(
+            self._render(), console=self.console, refresh_per_second=8, transient=False
+        )
+        self._live.start()
+
+    def text(self, piece: str) -> None:
+        self.transcript += piece
+
+    def stats(self, snapshot: dict) -> None:
+        self._stats = snapshot
+
+    def tick(self) -> None:
+        if self._live is not None:
+            self._live.update(self._render())
+
+    def _render(self):
+        from rich.console import Group
+        from rich.panel import Panel
+        from rich.text import Text
+
+        width = max(20, self.console.width - 4)
+        rows = max(3, min(12, self.console.height - 6))
+        lines = Text(self.transcript.lstrip() or "…").wrap(self.console, width)
+        body = Text("\n").join(lines[-rows:])
+        panel = Panel(body, title="Moshi", title_align="left", subtitle="Ctrl-C to stop")
+        return Group(panel, self._status_text())
+
+    def _status_text(self):
+        from rich.text import Text
+
+        if not self._stats:
+            return Text("starting…", style="dim")
+        s, f = self._stats, status_fields(self._stats)
+        minutes, seconds = divmod(int(s["t"]), 60)
+        bad_rtf = s["rtf"] is not None and s["rtf"] > 1.0
+        parts = [
+            (f"{minutes:02d}:{seconds:02d}", ""),
+            (f"compute {f['compute_ms']} ms/frame", ""),
+            (f"RTF {f['rtf']}", "bold red" if bad_rtf else ""),
+            (f"latency ~{f['latency_ms']} ms", ""),
+            (f"queues mic {f['mic_queue']} · speaker {f['speaker_queue']}", ""),
+            (f"dropped {f['dropped']}", "yellow" if s["dropped"] else ""),
+            (f"underruns {f['underruns']}", "yellow" if s["underruns"] else ""),
+        ]
+        text = Text()
+        for i, (part, style) in enumerate(parts):
+            if i:
+                text.append(" │ ", style="dim")
+            text.append(part, style=style)
+        return text
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.update(self._render())
+            self._live.stop()
+            self._live = None
+
+    def summary(self, fields: dict) -> None:
+        self.console.print(
+            "[bold]summary[/bold] " + " ".join(f"{k}={v}" for k, v in fields.items())
+        )
+
+
+def make_screen(out=None, status_every_s: float = 5.0):
+    """``RichScreen`` when ``out`` (stdout by default) is a terminal, else ``PlainScreen``."""
+    out = out or sys.stdout
+    return RichScreen() if out.isatty() else PlainScreen(out, every_s=status_every_s)

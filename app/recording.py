@@ -1,0 +1,109 @@
+"""``chat --record``: the conversation as a stereo WAV plus a timestamped transcript.
+
+Left channel: what the microphone heard; right channel: what the speaker played (Moshi), placed
+on the same timeline. Both are written as they come into a temporary file beside the target,
+renamed into place by ``close()``, so an interrupted chat never leaves a corrupt recording.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .loop import FRAME, SAMPLE_RATE
+from .wavio import AtomicWav, write_text
+
+
+class Transcript:
+    """Text pieces with times, grouped into lines at pauses of ``pause_s`` or more."""
+
+    def __init__(self, pause_s: float = 1.0):
+        self.pause_s = pause_s
+        self.lines: list[tuple[float, str]] = []
+        self._last_t = -np.inf
+
+    def add(self, t: float, piece: str) -> None:
+        if not piece:
+            return
+        if not self.lines or t - self._last_t >= self.pause_s:
+            self.lines.append((t, piece.lstrip()))
+        else:
+            start, text = self.lines[-1]
+            self.lines[-1] = (start, text + piece)
+        self._last_t = t
+
+    def render(self) -> str:
+        return "".join(f"[{_clock(t)}] {text.strip()}\n" for t, text in self.lines)
+
+
+def _clock(t: float) -> str:
+    minutes, seconds = divmod(max(t, 0.0), 60)
+    return f"{int(minutes):02d}:{seconds:06.3f}"
+
+
+class Recorder:
+    """Writes callback block ``i`` of the stream at sample ``i * 1920`` of the recording.
+
+    The speaker channel is shifted later by ``offset`` samples: the stream's output latency plus
+    input latency (``dac - adc`` of a callback), so that the right channel shows Moshi's audio
+    when it was heard relative to when the microphone heard the user. Thread-safe.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.transcript_path = self.path.with_suffix(".txt")
+        self.transcript = Transcript()
+        self.offset: int | None = None
+        self.blocks = 0
+        self._wav = AtomicWav(self.path, 2, SAMPLE_RATE)
+        self._pending_right = np.zeros(0, np.float32)
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def block(self, index: int, mic: np.ndarray, speaker: np.ndarray | None, latency_s: float):
+        """Callback ``index``: the microphone block and the Moshi frame played in it (None for
+        silence). Missing indices (blocks lost to a stalled compute thread) become silence."""
+        with self._lock:
+            if self.closed:
+                return
+            if self.offset is None:
+                self.offset = max(0, int(round(latency_s * SAMPLE_RATE)))
+                self._pending_right = np.zeros(self.offset, np.float32)
+            silence = np.zeros(FRAME, np.float32)
+            while self.blocks < index:
+                self._write(silence, silence)
+            if index < self.blocks:
+                return
+            self._write(np.asarray(mic, np.float32), silence if speaker is None else speaker)
+
+    def _write(self, mic: np.ndarray, speaker: np.ndarray) -> None:
+        right = np.concatenate([self._pending_right, np.asarray(speaker, np.float32)])
+        self._pending_right = right[FRAME:]
+        self._wav.write(np.stack([mic, right[:FRAME]], axis=1))
+        self.blocks += 1
+
+    def time_of(self, index: int) -> float:
+        """Recording time (s) at which Moshi's frame played in callback ``index`` is heard."""
+        return (index * FRAME + (self.offset or 0)) / SAMPLE_RATE
+
+    def text(self, index: int, piece: str) -> None:
+        with self._lock:
+            self.transcript.add(self.time_of(index), piece)
+
+    def close(self) -> tuple[Path, Path]:
+        """Flush the delayed speaker audio and move both files into place."""
+        with self._lock:
+            if not self.closed:
+                self.closed = True
+                tail = self._pending_right
+                if len(tail):
+                    self._wav.write(np.stack([np.zeros_like(tail), tail], axis=1))
+                self._wav.close()
+                write_text(self.transcript_path, self.transcript.render())
+        return self.path, self.transcript_path
+
+    @property
+    def seconds(self) -> float:
+        return self._wav.frames / SAMPLE_RATE
