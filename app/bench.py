@@ -92,6 +92,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="top-p: temp 0.8, top-p 0.95 (upstream Sampler()); top-k: temp 0.8, top-k 25 text / "
         "250 audio; greedy",
     )
+    run.add_argument(
+        "--no-stages",
+        action="store_true",
+        help="skip the pass synced after each stage (LM runs: no stage split, no mimi_ms)",
+    )
     run.add_argument("--num-codebooks", type=int, default=8, help="Mimi codebooks with --no-lm")
 
     out = p.add_argument_group("output")
@@ -509,7 +514,6 @@ def run_passes(models: dict, args, progress) -> dict[str, Pass]:
             session.reset()
 
     # stages: a sync after each stage
-    clock = StageClock(gen)
     fresh_stream()
 
     def stage_frame(i):
@@ -538,10 +542,12 @@ def run_passes(models: dict, args, progress) -> dict[str, Pass]:
             st["mimi"] = st["encode"] + st["decode"]
         return st
 
-    try:
-        passes["stages"] = Pass("stages", args.warmup, args.steps).run(stage_frame, progress)
-    finally:
-        clock.close()
+    if not args.no_stages:
+        clock = StageClock(gen)
+        try:
+            passes["stages"] = Pass("stages", args.warmup, args.steps).run(stage_frame, progress)
+        finally:
+            clock.close()
 
     # lm: LmGen.step and the host copy of its tokens, as the reference times it
     fresh_stream()
@@ -628,7 +634,7 @@ def _stage(result: dict, name: str, ms: list[float] | None) -> None:
 def report(models: dict, passes: dict[str, Pass], args, build: dict) -> dict:
     """The result object (``--json``); the ``key=value`` lines are its flattening."""
     lm, mimi = models["lm"], models["mimi"]
-    st = passes["stages"].stages
+    st = passes["stages"].stages if "stages" in passes else {}
     r: dict = {}
     if "frame" in passes:
         frame, how = passes["frame"].wall_ms, "DuplexSession.step, one sync per frame"
@@ -653,7 +659,7 @@ def report(models: dict, passes: dict[str, Pass], args, build: dict) -> dict:
     for name in ("encode", "temporal", "depth", "decode"):
         if name in st:
             _stage(r, name, st[name])
-    if lm is not None and "temporal" not in st:
+    if lm is not None and st and "temporal" not in st:
         r["stage_note"] = (
             f"LmGen.step calls none of {', '.join(DEPTH_STAGE)}: no temporal/depth split"
         )
@@ -712,12 +718,14 @@ def reference_records(models: dict, passes: dict[str, Pass], args, build: dict) 
             "peak_mem_bytes": passes["lm"].peak,
             "model_bytes": _param_bytes(lm),
         })  # fmt: skip
-    if mimi is not None:
+    if mimi is not None and "stages" in passes:
         st = passes["stages"].stages
-        timing = summarize(st.get("mimi", []))
-        if timing is None:
+        if not st.get("mimi"):
             raise UserError("no frame reached Mimi decode: raise --warmup or --steps")
-        timing["cpu_util"] = None
+        if lm is None:  # the pass is exactly Mimi's encode + decode
+            timing = passes["stages"].timing()
+        else:
+            timing = {**summarize(st["mimi"]), "cpu_util": None}
         from moshi_mlx import MimiConfig
 
         default = mimi.cfg == MimiConfig()

@@ -83,12 +83,14 @@ def test_quantized_run_reports_bits_and_default_group_size(capsys, tmp_path):
     path = tmp_path / "q.json"  # FFN widths 11/4 x 128 = 352: a multiple of 32
     path.write_text(json.dumps({**TINY_LM, "dim": 128, "depformer_dim": 128,
                                 "depformer_dim_feedforward": 528}))  # fmt: skip
-    code, out, _ = run_bench(capsys, *tiny_args(str(path), "--no-mimi", "-q", "4", "--json"))
+    argv = tiny_args(str(path), "--no-mimi", "--no-stages", "-q", "4", "--json")
+    code, out, _ = run_bench(capsys, *argv)
     assert code == 0
     result = json.loads(out)
     assert result["quant"] == {"bits": 4, "group_size": 32}
     assert result["mimi_ms_p50"] is None and result["lm_step_ms_p50"] > 0
     assert result["frame_ms_p50"] == result["lm_step_ms_p50"]  # no Mimi: the frame is the LM
+    assert "temporal_ms_p50" not in result  # --no-stages: no pass synced per stage
 
 
 def test_mimi_only_times_encode_and_decode(capsys):
