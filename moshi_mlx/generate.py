@@ -84,9 +84,12 @@ class LmGen:
             axis=1,
         )
 
-    def step(self, user_codes) -> mx.array | None:
+    def step(self, user_codes, check: bool = True) -> mx.array | None:
+        """One frame. ``check=False`` skips validating ``user_codes`` on the host (one sync),
+        for callers whose codes come straight from Mimi. The result is being evaluated
+        asynchronously when returned."""
         cfg, lm = self.cfg, self.lm
-        user_codes = self._check_user_codes(user_codes)
+        user_codes = self._check_user_codes(user_codes) if check else user_codes.astype(mx.int32)
         first_user = cfg.dep_q + 1
         for i in range(cfg.n_q - cfg.dep_q):
             s = first_user + i
@@ -111,7 +114,7 @@ class LmGen:
             for s in range(cfg.dep_q + 1)
         ]
         out = mx.stack(out, axis=1).astype(mx.int32)
-        mx.eval(out)
+        mx.async_eval(out)
         return out
 
     def depformer_step(self, z: mx.array, text: mx.array) -> tuple[mx.array, mx.array]:

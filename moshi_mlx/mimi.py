@@ -189,9 +189,13 @@ class Mimi(nn.Module):
         latent = self.encode_latent_step(pcm).transpose(0, 2, 1)
         return self.quantizer.encode(latent, self.num_codebooks).transpose(0, 2, 1)
 
-    def decode_step(self, codes: mx.array) -> mx.array:
-        """Decode the next frames ``[B, K, n]`` -> waveform ``[B, 1, n * 1920]``."""
-        self._check_codes(codes)
+    def decode_step(self, codes: mx.array, check: bool = True) -> mx.array:
+        """Decode the next frames ``[B, K, n]`` -> waveform ``[B, 1, n * 1920]``.
+
+        ``check=False`` skips the range check of the codes (a host sync), for codes that come
+        straight from the LM."""
+        if check:
+            self._check_codes(codes)
         x = self.quantizer.decode(codes.transpose(0, 2, 1))
         x = self.decoder_transformer.step(self.upsample.step(x))
         return self.decoder.step(x).transpose(0, 2, 1)
