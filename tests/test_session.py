@@ -43,7 +43,8 @@ def test_session_is_deterministic_for_a_seed_and_resets(mimi_io):
     pcm = np.array(mimi_io["pcm"][0, 0, : 5 * 1920]).reshape(5, 1920)
     session = make_session(seed=7)
     first = [session.step(f) for f in pcm]
-    second = [make_session(seed=7).step(f) for f in pcm]  # same seed, new session
+    other = make_session(seed=7)  # same seed, new session
+    second = [other.step(f) for f in pcm]
     session.reset()
     mx.random.seed(7)
     after_reset = [session.step(f) for f in pcm]
