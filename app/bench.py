@@ -505,6 +505,12 @@ def run_passes(models: dict, args, progress) -> dict[str, Pass]:
     user_codes = [mx.array(rng.integers(0, cfg.card, size=(1, n_user)), mx.int32)
                   for _ in range(total)]  # fmt: skip
     session = DuplexSession(lm, mimi, gen) if mimi is not None else None
+    # Codes are valid by construction: skip LmGen's host-side check, as the reference does.
+    unchecked = "check" in inspect.signature(gen.step).parameters
+
+    def lm_step(codes):
+        return gen.step(codes, check=False) if unchecked else gen.step(codes)
+
     pcms = [(0.1 * rng.standard_normal(1920)).astype(np.float32) for _ in range(total)]
 
     def fresh_stream():
@@ -527,7 +533,7 @@ def run_passes(models: dict, args, progress) -> dict[str, Pass]:
             codes = user_codes[i]
         clock.marks = None
         t1 = time.perf_counter()
-        out = gen.step(codes)
+        out = lm_step(codes)
         if out is not None:
             np.array(out)
         t2 = time.perf_counter()
@@ -553,7 +559,7 @@ def run_passes(models: dict, args, progress) -> dict[str, Pass]:
     fresh_stream()
 
     def lm_frame(i):
-        out = gen.step(user_codes[i])
+        out = lm_step(user_codes[i])
         if out is not None:
             np.array(out)
 
