@@ -128,22 +128,20 @@ def _quantize(lm, args: argparse.Namespace, report: Callable[[str], None]) -> No
     import mlx.core as mx
     import mlx.nn as nn
 
+    from moshi_mlx.weights import quantize_lm
+
     from .cli import UserError
 
     if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for m in lm.modules()):
         report("the model is already quantized; -q has nothing to do")
         return
     group_size = args.q_group_size or DEFAULT_GROUP_SIZE[args.q_bits]
-
-    # Only the LM's Linear and Embedding layers quantize, and only where the width allows.
-    def quantizable(_path, module):
-        if not isinstance(module, (nn.Linear, nn.Embedding)):
-            return False
-        return module.weight.shape[-1] % group_size == 0
-
     try:
-        nn.quantize(lm, group_size=group_size, bits=args.q_bits, class_predicate=quantizable)
+        skipped = quantize_lm(lm, args.q_bits, group_size, skip_indivisible=True)
     except ValueError as e:
-        raise UserError(f"cannot quantize to {args.q_bits} bits, group {group_size}: {e}") from None
+        raise UserError(str(e)) from None
     mx.eval(lm.parameters())
-    report(f"quantized the LM to {args.q_bits} bits (group size {group_size})")
+    kept = (
+        f"; {len(skipped)} layer(s) the group size does not divide stay in float" if skipped else ""
+    )
+    report(f"quantized the LM to {args.q_bits} bits, group size {group_size}{kept}")
