@@ -72,7 +72,8 @@ class LmConfig:
     def validate(self) -> None:
         if len(self.delays) != self.n_q + 1:
             raise ValueError(
-                f"LM config: delays has {len(self.delays)} entries, expected n_q + 1 = {self.n_q + 1}"
+                f"LM config: delays has {len(self.delays)} entries, "
+                f"expected n_q + 1 = {self.n_q + 1}"
             )
         if self.dim % self.num_heads or self.depformer_dim % self.depformer_num_heads:
             raise ValueError(
@@ -300,7 +301,7 @@ class Lm(nn.Module):
 
     def depformer_layers(self, x: mx.array, steps: list[int], caches: list) -> mx.array:
         sets = [self.cfg.schedule[k] for k in steps]
-        for layer, cache in zip(self.depformer.layers, caches):
+        for layer, cache in zip(self.depformer.layers, caches, strict=True):
             x = layer(x, sets, cache)
         return x
 

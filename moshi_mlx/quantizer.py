@@ -27,7 +27,7 @@ class Codebook(nn.Module):
         return self._derived[2], self._derived[3]
 
     def centroids(self) -> mx.array:
-        """``embedding_sum / max(cluster_usage, 1e-5)``: the vectors codes index, ``[bins, dim]``."""
+        """``embedding_sum / max(cluster_usage, 1e-5)``: the code vectors, ``[bins, dim]``."""
         return self._centroids_and_half_norms()[0]
 
     def nearest(self, x: mx.array) -> mx.array:

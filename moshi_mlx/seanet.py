@@ -117,7 +117,9 @@ class SeanetEncoder(nn.Module):
 
 
 class SeanetDecoder(nn.Module):
-    """Latent ``[B, T, dimension]`` -> waveform ``[B, T * hop_length, channels]`` (no final tanh)."""
+    """Latent ``[B, T, dimension]`` -> waveform ``[B, T * hop_length, channels]``.
+
+    No final activation (no tanh)."""
 
     def __init__(self, cfg: SeanetConfig):
         super().__init__()

@@ -64,5 +64,6 @@ class DuplexSession:
             return FrameResult(None, None, np.array(user[0]), None)
         pcm_out = self.decode(out[:, 1:])
         mx.eval(pcm_out, out, user)
-        return FrameResult(np.array(pcm_out), int(out[0, 0]), np.array(user[0]),
-                           np.array(out[0, 1:]))
+        return FrameResult(
+            np.array(pcm_out), int(out[0, 0]), np.array(user[0]), np.array(out[0, 1:])
+        )

@@ -17,12 +17,15 @@ FULL_SIZE_KEYS = FIXTURES / "full_size_keys"
 
 # A few sentences are enough for a tiny sentencepiece model with the same special ids as
 # Moshi's (0 unk / end of padding, 1 <s>, 2 </s>, 3 <pad>).
-_SPM_TEXT = """hello there how are you doing today
+_SPM_TEXT = (
+    """hello there how are you doing today
 i am fine thank you and you
 the weather is nice and the sun is shining
 moshi listens and speaks at the same time
 full duplex speech models can interrupt and be interrupted
-""" * 20
+"""
+    * 20
+)
 
 
 def train_tiny_spm(folder: Path, vocab_size: int = 64) -> Path:
@@ -68,8 +71,9 @@ def pytorch_repo(tmp_path_factory, spm_model) -> Path:
     """
     repo = tmp_path_factory.mktemp("moshiko-pytorch-fixture")
     shutil.copy(LM_DIR / "weights.safetensors", repo / "model.safetensors")
-    shutil.copy(MIMI_DIR / "weights.safetensors",
-                repo / "tokenizer-e351c8d8-checkpoint125.safetensors")
+    shutil.copy(
+        MIMI_DIR / "weights.safetensors", repo / "tokenizer-e351c8d8-checkpoint125.safetensors"
+    )
     shutil.copy(spm_model, repo / "tokenizer_spm_32k_3.model")
     shutil.copy(LM_DIR / "config.json", repo / "config.json")
     shutil.copy(MIMI_DIR / "config.json", repo / "mimi_config.json")

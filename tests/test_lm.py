@@ -197,8 +197,11 @@ def test_step_refuses_wrong_user_codes(lm):
 
 def test_checkpoint_not_fitting_the_config_names_key_shapes_and_field(lm_config):
     # card 1024 instead of 2048: every audio embedding and head is off; the error names one.
-    with pytest.raises(CheckpointError, match=r"weights.safetensors: \S+ has shape \[\d+, \d+\] "
-                       r"but the config gives \[\d+, \d+\] \(check card"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"weights.safetensors: \S+ has shape \[\d+, \d+\] "
+        r"but the config gives \[\d+, \d+\] \(check card",
+    ):
         moshi_mlx.load_lm(WEIGHTS, {**lm_config, "card": 1024})
     with pytest.raises(CheckpointError, match=r"missing key.*transformer\.layers\.2.*num_layers"):
         moshi_mlx.load_lm(WEIGHTS, {**lm_config, "num_layers": 3})

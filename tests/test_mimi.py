@@ -9,12 +9,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import FULL_SIZE_KEYS, MIMI_DIR
+from mlx.utils import tree_flatten
 from safetensors.numpy import load_file, save_file
 
 import moshi_mlx
 from moshi_mlx.mimi import Mimi, MimiConfig
 from moshi_mlx.weights import CheckpointError, mimi_rules, sanitize
-from mlx.utils import tree_flatten
 
 TOL = 1e-4
 FRAME = 1920
