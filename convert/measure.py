@@ -10,6 +10,7 @@ time, peak MLX memory and max RSS.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -42,8 +43,9 @@ def logit_error(model: Lm, reference: Lm, codes: mx.array) -> dict:
             "mean": err.sum().item() / (n * x.shape[-1]),
             "top1": ((x.argmax(-1) == ref.argmax(-1)) & mask).sum().item(),
             "positions": n,
-            "std": mx.sqrt(mx.where(mask[..., None], ref * ref, 0.0).sum() / (n * x.shape[-1]))
-            .item(),
+            "std": mx.sqrt(
+                mx.where(mask[..., None], ref * ref, 0.0).sum() / (n * x.shape[-1])
+            ).item(),
         }
     return out
 
@@ -86,7 +88,9 @@ def quality(fixtures: Path) -> list[dict]:
             else random_codes(reference.cfg, 12, seed=4)
         )
         bf16 = load_lm(weights, config, dtype=mx.bfloat16)
-        rows.append({"model": name, "weights": "bf16 compute", **logit_error(bf16, reference, codes)})
+        rows.append(
+            {"model": name, "weights": "bf16 compute", **logit_error(bf16, reference, codes)}
+        )
         for bits in (8, 4):
             for group_size in (32, 64):
                 model, frac = quantized_copy(weights, config, bits, group_size)
@@ -112,7 +116,9 @@ def print_quality(rows: list[dict]) -> None:
             f"| {a['top1']}/{a['positions']} |"
         )
     for r in rows[:: len(rows) // len(QUALITY_MODELS)]:
-        print(f"logit rms, {r['model']}: text {r['text']['std']:.2f}, audio {r['audio']['std']:.2f}")
+        print(
+            f"logit rms, {r['model']}: text {r['text']['std']:.2f}, audio {r['audio']['std']:.2f}"
+        )
 
 
 # ---- memory ----------------------------------------------------------------------------------
@@ -163,10 +169,13 @@ def memory(size: str, fixtures: Path, extra: list[str]) -> None:
             lm, lm_config = fixtures / "lm/weights.safetensors", fixtures / "lm/config.json"
         else:
             lm, lm_config = tmp / "model.safetensors", tmp / "config.json"
+            lm_config.write_text(json.dumps(SIZES[size].to_dict()))
+            # In a child: Linux carries a parent's peak RSS over into the children it starts.
             t = time.perf_counter()
-            nbytes = write_random_pytorch_lm(lm, SIZES[size])
-            lm_config.write_text(__import__("json").dumps(SIZES[size].to_dict()))
-            print(f"random {size} LM: {nbytes / 1e9:.2f} GB bf16 in {time.perf_counter() - t:.0f} s")
+            subprocess.run([sys.executable, "-m", "moshi_mlx.convert.measure", "random-lm",
+                            "--size", size, "--out", str(lm)], check=True)  # fmt: skip
+            gb = lm.stat().st_size / 1e9
+            print(f"random {size} LM: {gb:.2f} GB bf16 in {time.perf_counter() - t:.0f} s")
         cmd = [sys.executable, "-m", "moshi_mlx.app", "convert", "--moshi-weights", str(lm),
                "--lm-config", str(lm_config), "--mimi-weights",
                str(fixtures / "mimi/weights.safetensors"), "--mimi-config",
@@ -197,12 +206,15 @@ def _tokenizer(folder: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["quality", "memory"])
+    parser.add_argument("what", choices=["quality", "memory", "random-lm"])
+    parser.add_argument("--out", type=Path, help="random-lm: where to write it")
     parser.add_argument("--fixtures", type=Path, default=Path("tests/fixtures"))
     parser.add_argument("--size", choices=list(SIZES), default="medium")
     args, extra = parser.parse_known_args(argv)
     if args.what == "quality":
         print_quality(quality(args.fixtures))
+    elif args.what == "random-lm":
+        write_random_pytorch_lm(args.out, SIZES[args.size])
     else:
         memory(args.size, args.fixtures, extra)
 
