@@ -112,9 +112,21 @@ def _size(n: int) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    from moshi_mlx.app.cli import UserError
+
     _check(args)
+    try:
+        result = _convert(args)
+    except OSError as e:  # unreadable input, full disk, no permission: one line, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        raise UserError(f"{where}{e.strerror or e}") from None
+    _report(result)
+    return 0
+
+
+def _convert(args: argparse.Namespace):
     with _Bar() as bar:
-        result = convert(
+        return convert(
             args.hf_path,
             args.mlx_path,
             quantize=args.quantize,
@@ -130,6 +142,9 @@ def main(args: argparse.Namespace) -> int:
             skip_indivisible=args.skip_indivisible,
             progress=bar,
         )
+
+
+def _report(result) -> None:
     q = result.quantization
     lm = f"{q['bits']}-bit group {q['group_size']}" if q else result.dtype
     if result.skipped:
@@ -139,4 +154,3 @@ def main(args: argparse.Namespace) -> int:
         f"tokenizer; {_size(result.bytes_written)} in {result.seconds:.1f} s, peak MLX memory "
         f"{_size(result.peak_memory)}, max RSS {_size(result.max_rss)}"
     )
-    return 0

@@ -135,6 +135,7 @@ SIZES = {
         depformer_dim_feedforward=2112,
         context=3000,
     ),
+    "7b": LmConfig.moshi_7b(),
 }
 
 
@@ -154,22 +155,30 @@ def write_random_pytorch_lm(path: Path, cfg: LmConfig, seed: int = 0) -> int:
         if re.search(r"norm\d?\.weight$", name):
             value = mx.ones((1, 1, p.shape[0]), mx.bfloat16)
         else:
+            # Drawing billions of normals is slow on a CPU: tile a random block of 256 rows.
             key = mx.random.key(seed * 100_003 + i)
-            value = mx.random.normal(p.shape, mx.bfloat16, scale=0.02, key=key)
+            block = mx.random.normal((min(256, p.shape[0]), p.shape[1]), scale=0.02, key=key)
+            reps = -(-p.shape[0] // block.shape[0])
+            value = mx.tile(block, (reps, 1))[: p.shape[0]].astype(mx.bfloat16)
         tensors[pytorch_name(name)] = value
     nbytes = write_safetensors(path, tensors)
     mx.clear_cache()
     return nbytes
 
 
-def memory(size: str, fixtures: Path, extra: list[str]) -> None:
+def memory(size: str, fixtures: Path, extra: list[str], workdir: Path | None = None) -> None:
+    """Convert a checkpoint of ``size`` with the CLI flags ``extra`` in a fresh process. With
+    ``workdir`` the random checkpoint is kept there and reused by later runs."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        work = workdir or tmp
+        work.mkdir(parents=True, exist_ok=True)
         if SIZES[size] is None:
             lm, lm_config = fixtures / "lm/weights.safetensors", fixtures / "lm/config.json"
         else:
-            lm, lm_config = tmp / "model.safetensors", tmp / "config.json"
+            lm, lm_config = work / f"{size}.safetensors", work / f"{size}.json"
             lm_config.write_text(json.dumps(SIZES[size].to_dict()))
+        if not lm.exists():
             # In a child: Linux carries a parent's peak RSS over into the children it starts.
             t = time.perf_counter()
             subprocess.run([sys.executable, "-m", "moshi_mlx.convert.measure", "random-lm",
@@ -208,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["quality", "memory", "random-lm"])
     parser.add_argument("--out", type=Path, help="random-lm: where to write it")
+    parser.add_argument("--workdir", type=Path, help="memory: keep the random checkpoint here")
     parser.add_argument("--fixtures", type=Path, default=Path("tests/fixtures"))
     parser.add_argument("--size", choices=list(SIZES), default="medium")
     args, extra = parser.parse_known_args(argv)
@@ -216,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.what == "random-lm":
         write_random_pytorch_lm(args.out, SIZES[args.size])
     else:
-        memory(args.size, args.fixtures, extra)
+        memory(args.size, args.fixtures, extra, args.workdir)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,20 +196,24 @@ def _named(folder: Path, name: str, what: str) -> Path:
     return path
 
 
-def _scan(folder: Path) -> dict[str, list[Path]]:
-    """Safetensors files of ``folder`` grouped by what their keys say they are."""
+def _scan(folder: Path) -> tuple[dict[str, list[Path]], bool]:
+    """Safetensors files of ``folder`` grouped by what their keys say they are, and whether
+    the LM files are the shards of one model (an index lists them, or mlx-lm's names)."""
     found: dict[str, list[Path]] = {"lm": [], "mimi": []}
     index = sorted(folder.glob("*.safetensors.index.json"))
-    if len(index) == 1:  # sharded LM: the index lists its files
+    if len(index) == 1:
         weight_map = _read_json(index[0], "index").get("weight_map", {})
         found["lm"] = [_named(folder, n, "LM shard") for n in sorted(set(weight_map.values()))]
+    sharded = bool(found["lm"])
     for path in sorted(folder.glob("*.safetensors")):
         if path in found["lm"]:
             continue
         kind = checkpoint_kind(read_safetensors(path))
         if kind is not None:
             found[kind].append(path)
-    return found
+    if not sharded and len(found["lm"]) > 1:
+        sharded = all(re.search(r"-\d+-of-\d+\.safetensors$", p.name) for p in found["lm"])
+    return found, sharded
 
 
 def _one(paths: list[Path], what: str, folder: Path, flag: str) -> Path:
@@ -262,7 +267,7 @@ def find_model_files(
             "mimi": config.get("mimi_name"),
             "tokenizer": config.get("tokenizer_name"),
         }
-    scanned: dict[str, list[Path]] | None = None
+    scanned: tuple[dict[str, list[Path]], bool] | None = None
 
     def weights_of(kind: str, override, flag: str) -> list[Path]:
         nonlocal scanned
@@ -275,10 +280,11 @@ def find_model_files(
             return [_named(folder, n, f"{kind} weights") for n in listed]
         if scanned is None:
             scanned = _scan(folder)
+        found, sharded = scanned
+        if kind == "lm" and sharded:
+            return found["lm"]
         what = "Moshi LM weights" if kind == "lm" else "Mimi codec weights"
-        if kind == "lm" and len(scanned["lm"]) > 1 and all("-of-" in p.name for p in scanned["lm"]):
-            return scanned["lm"]  # shards without an index
-        return [_one(scanned[kind], what, folder, flag)]
+        return [_one(found[kind], what, folder, flag)]
 
     lm_paths = weights_of("lm", moshi_weights, "--moshi-weights")
     mimi_path = weights_of("mimi", mimi_weights, "--mimi-weights")[0]

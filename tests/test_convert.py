@@ -203,6 +203,13 @@ def test_large_models_are_sharded_like_mlx_lm(tmp_path, pytorch_repo, reference_
     lm, _, _ = moshi_mlx.load(out)
     codes = lm_io["tf_codes"]
     assert same(logits(lm, codes), logits(reference_lm, codes))
+    # Without our config.json the shards are still found, through the index.
+    shutil.copy(LM_DIR / "config.json", out / "config.json")
+    shutil.copy(MIMI_DIR / "config.json", out / "mimi_config.json")
+    lm, _, _ = moshi_mlx.load(out)
+    assert same(logits(lm, codes), logits(reference_lm, codes))
+    (out / "model.safetensors.index.json").unlink()  # and through mlx-lm's file names
+    assert moshi_mlx.loading.find_model_files(out).lm_weights == [out / f for f in result.lm_files]
 
 
 def test_single_files_without_a_folder(tmp_path, pytorch_repo, reference_lm, lm_io):
