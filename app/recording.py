@@ -46,17 +46,21 @@ def _clock(t: float) -> str:
 class Recorder:
     """Writes callback block ``i`` of the stream at sample ``i * 1920`` of the recording.
 
-    The speaker channel is shifted later by ``offset`` samples: the stream's output latency plus
-    input latency (``dac - adc`` of a callback), so that the right channel shows Moshi's audio
-    when it was heard relative to when the microphone heard the user. Thread-safe.
+    The speaker channel is shifted later by ``offset`` samples: the stream's input plus output
+    latency (``dac - adc`` of a callback, the median over the first ``settle`` blocks since
+    the very first callbacks can be off), so that the right channel shows Moshi's audio when
+    it was heard relative to when the microphone heard the user. Thread-safe.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, settle: int = 8):
         self.path = Path(path)
         self.transcript_path = self.path.with_suffix(".txt")
         self.transcript = Transcript()
         self.offset: int | None = None
         self.blocks = 0
+        self.settle = settle
+        self._early: list[tuple] = []  # blocks held until the offset is known
+        self._early_text: list[tuple[int, str]] = []
         self._wav = AtomicWav(self.path, 2, SAMPLE_RATE)
         self._pending_right = np.zeros(0, np.float32)
         self._lock = threading.Lock()
@@ -64,19 +68,35 @@ class Recorder:
 
     def block(self, index: int, mic: np.ndarray, speaker: np.ndarray | None, latency_s: float):
         """Callback ``index``: the microphone block and the Moshi frame played in it (None for
-        silence). Missing indices (blocks lost to a stalled compute thread) become silence."""
+        silence), and the callback's ``dac - adc`` in seconds. Missing indices (blocks lost to
+        a stalled compute thread) become silence."""
         with self._lock:
             if self.closed:
                 return
             if self.offset is None:
-                self.offset = max(0, int(round(latency_s * SAMPLE_RATE)))
-                self._pending_right = np.zeros(self.offset, np.float32)
-            silence = np.zeros(FRAME, np.float32)
-            while self.blocks < index:
-                self._write(silence, silence)
-            if index < self.blocks:
+                self._early.append((index, mic, speaker, latency_s))
+                if len(self._early) >= self.settle:
+                    self._settle()
                 return
-            self._write(np.asarray(mic, np.float32), silence if speaker is None else speaker)
+            self._block(index, mic, speaker)
+
+    def _settle(self) -> None:
+        latency = float(np.median([b[3] for b in self._early])) if self._early else 0.0
+        self.offset = max(0, int(round(latency * SAMPLE_RATE)))
+        self._pending_right = np.zeros(self.offset, np.float32)
+        for index, mic, speaker, _ in self._early:
+            self._block(index, mic, speaker)
+        for index, piece in self._early_text:
+            self.transcript.add(self.time_of(index), piece)
+        self._early, self._early_text = [], []
+
+    def _block(self, index: int, mic: np.ndarray, speaker: np.ndarray | None) -> None:
+        silence = np.zeros(FRAME, np.float32)
+        while self.blocks < index:
+            self._write(silence, silence)
+        if index < self.blocks:
+            return
+        self._write(np.asarray(mic, np.float32), silence if speaker is None else speaker)
 
     def _write(self, mic: np.ndarray, speaker: np.ndarray) -> None:
         right = np.concatenate([self._pending_right, np.asarray(speaker, np.float32)])
@@ -90,12 +110,17 @@ class Recorder:
 
     def text(self, index: int, piece: str) -> None:
         with self._lock:
-            self.transcript.add(self.time_of(index), piece)
+            if self.offset is None:
+                self._early_text.append((index, piece))
+            else:
+                self.transcript.add(self.time_of(index), piece)
 
     def close(self) -> tuple[Path, Path]:
         """Flush the delayed speaker audio and move both files into place."""
         with self._lock:
             if not self.closed:
+                if self.offset is None:
+                    self._settle()
                 self.closed = True
                 tail = self._pending_right
                 if len(tail):

@@ -210,7 +210,7 @@ def test_recorder_puts_moshi_after_the_device_latency_and_fills_gaps(tmp_path):
     mic = [np.full(FRAME, v, np.float32) for v in (0.1, 0.2, 0.3, 0.4)]
     moshi = np.full(FRAME, -0.5, np.float32)
     latency = 0.01  # 240 samples between the mic's and the speaker's clocks
-    rec.block(0, mic[0], None, latency)
+    rec.block(0, mic[0], None, 0.5)  # the first callback's timing is often off: median wins
     rec.block(1, mic[1], moshi, latency)
     rec.text(1, " hello")
     rec.text(2, " there")

@@ -1,0 +1,495 @@
+"""``moshi-mlx chat`` through real PortAudio against the virtual sound card of
+``scripts/audio_env.sh`` (PulseAudio null devices reached through ALSA).
+
+The card's ``bus`` sink carries the microphone on its left channel and the speaker on its
+right, on one clock: recording ``bus.monitor`` while feeding ``micfeed`` shows what the app
+heard and what it played, sample-aligned. The chat runs as a subprocess on the converted
+fixture model and writes a debug dump of every frame it took and made, which is matched
+against that recording.
+
+Outside CI these tests skip when the card cannot be had; with ``CI=true`` they must run.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from moshi_mlx.app.loop import FRAME, SAMPLE_RATE, FrameDriver
+from moshi_mlx.app.model_args import Sampling
+from moshi_mlx.app.wavio import read_wav
+
+import moshi_mlx
+
+ROOT = Path(__file__).resolve().parents[1]
+AUDIO_ENV = ROOT / "scripts" / "audio_env.sh"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+TOOLS = ("pulseaudio", "pactl", "pacat", "parecord")
+REPORT = os.environ.get("MOSHI_MLX_AUDIO_REPORT")  # append measured figures here (JSON lines)
+
+
+def _unavailable(reason: str):
+    if IN_CI:
+        pytest.fail(f"virtual sound card needed in CI: {reason}")
+    pytest.skip(f"no virtual sound card: {reason}")
+
+
+def card_env(folder: Path | None = None) -> dict[str, str]:
+    """Environment of a virtual sound card started (if needed) in ``folder``."""
+    env = dict(os.environ)
+    if folder is not None:
+        env["AUDIO_ENV_DIR"] = str(folder)
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if ctypes.util.find_library("portaudio") is None:
+        missing.append("PortAudio")
+    if missing:
+        _unavailable(f"missing {', '.join(missing)} (scripts/audio_env.sh install)")
+    r = subprocess.run([str(AUDIO_ENV), "start"], env=env, capture_output=True, text=True,
+                       timeout=60)  # fmt: skip
+    if r.returncode != 0:
+        _unavailable(f"scripts/audio_env.sh start failed: {r.stderr.strip()}")
+    lines = subprocess.run([str(AUDIO_ENV), "env"], env=env, capture_output=True, text=True,
+                           check=True, timeout=10).stdout  # fmt: skip
+    for name, value in re.findall(r"^export (\w+)=(.*)$", lines, re.M):
+        env[name] = value
+    return env
+
+
+@pytest.fixture(scope="session")
+def card() -> dict[str, str]:
+    return card_env()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, pytorch_repo) -> Path:
+    from moshi_mlx.convert.convert import convert
+
+    out = tmp_path_factory.mktemp("chat-model") / "moshi-fixture"
+    convert(pytorch_repo, out, dtype="float32", mimi_config=pytorch_repo / "mimi_config.json")
+    return out
+
+
+def test_signal(seconds: float = 2.5, seed: int = 1) -> np.ndarray:
+    """Chirp plus noise bursts: every 80 ms frame differs, so correlation peaks are sharp."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    chirp = 0.3 * np.sin(2 * np.pi * (200 * t + 700 * t**2 / seconds))
+    bursts = 0.12 * rng.standard_normal(t.size) * ((t % 0.5) < 0.15)
+    return np.clip(chirp + bursts, -0.95, 0.95).astype(np.float32)  # no clipping on the way
+
+
+test_signal.__test__ = False  # a helper, not a test
+
+
+class Chat:
+    """``moshi-mlx chat`` in a subprocess, its output lines collected as they come."""
+
+    def __init__(self, env, *args):
+        cmd = [sys.executable, "-m", "moshi_mlx.app", "chat", *map(str, args)]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)  # fmt: skip
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, self.out), daemon=True),
+            threading.Thread(target=self._read, args=(self.proc.stderr, self.err), daemon=True),
+        ]
+        for t in self._readers:
+            t.start()
+
+    @staticmethod
+    def _read(stream, lines):
+        for line in stream:
+            lines.append(line.rstrip("\n"))
+
+    def wait_for(self, words: str, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(words in line for line in self.out):
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.kill()
+        raise AssertionError(f"chat never said {words!r}: {self.out} {self.err}")
+
+    def interrupt(self, timeout: float = 30.0) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        for t in self._readers:
+            t.join(timeout=5)
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def summary(self) -> dict[str, str]:
+        line = next(line for line in self.out if line.startswith("summary "))
+        return dict(kv.split("=", 1) for kv in line.split()[1:])
+
+
+class BusRecorder:
+    """``parecord`` of ``bus.monitor``: stereo float32, left microphone, right speaker."""
+
+    def __init__(self, env, path: Path):
+        self.path = path
+        self.proc = subprocess.Popen(
+            ["parecord", "--raw", "-d", "bus.monitor", "--format=float32le",
+             f"--rate={SAMPLE_RATE}", "--channels=2", "--latency-msec=20", str(path)],
+            env=env, stderr=subprocess.PIPE,
+        )  # fmt: skip
+
+    def stop(self) -> np.ndarray:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        x = np.fromfile(self.path, "<f4")
+        return x[: len(x) // 2 * 2].reshape(-1, 2).astype(np.float64)
+
+
+def feed_mic(env, pcm: np.ndarray, folder: Path) -> None:
+    """Play ``pcm`` into the virtual microphone; returns when it has been played."""
+    path = folder / "mic_feed.f32"
+    pcm.astype("<f4").tofile(path)
+    subprocess.run(
+        ["pacat", "--playback", "--raw", "-d", "micfeed", "--format=float32le",
+         f"--rate={SAMPLE_RATE}", "--channels=1", "--latency-msec=300", str(path)],
+        env=env, check=True, timeout=len(pcm) / SAMPLE_RATE + 20,
+    )  # fmt: skip
+
+
+def locate(ref: np.ndarray, signal_: np.ndarray) -> tuple[int, float]:
+    """Where ``ref`` (with its zeros) sits in ``signal_``: the lag of the cross-correlation
+    peak, and the normalized correlation over the samples where ``ref`` is not zero."""
+    n = 1 << int(np.ceil(np.log2(len(ref) + len(signal_))))
+    c = np.fft.irfft(np.fft.rfft(signal_, n) * np.conj(np.fft.rfft(ref, n)), n)
+    lag = int(np.argmax(c[: len(signal_)]))
+    seg = signal_[lag : lag + len(ref)]
+    r = ref[: len(seg)]
+    mask = r != 0
+    return lag, float(np.corrcoef(r[mask], seg[mask])[0, 1])
+
+
+def onset(x: np.ndarray, threshold: float = 0.0) -> int:
+    return int(np.flatnonzero(np.abs(x) > threshold)[0])
+
+
+def find_frames(
+    frames: dict[int, np.ndarray], channel: np.ndarray, lag: int, search: int = 960
+) -> dict[int, int]:
+    """Where each frame ``{block: pcm}`` starts in ``channel``, found sample for sample
+    within ``search`` samples of ``lag + block * 1920`` (PulseAudio can slip a stream by a
+    few ms when another one starts or runs dry). Silent frames and frames that are not there
+    exactly (e.g. the last ones, cut when the stream stops) are left out."""
+    view = np.lib.stride_tricks.sliding_window_view
+    found = {}
+    for block, pcm in frames.items():
+        start = max(0, lag + block * FRAME - search)
+        stop = min(len(channel), lag + block * FRAME + search + FRAME)
+        if not np.any(pcm) or stop - start < FRAME:
+            continue
+        error = np.abs(view(channel[start:stop], FRAME) - pcm).max(axis=1)
+        k = int(np.argmin(error))
+        if error[k] < 1e-6:
+            found[block] = start + k
+    return found  # fmt: skip
+
+
+def dump_timelines(d) -> tuple[np.ndarray, np.ndarray]:
+    """From the chat's dump: what the model was given (mic block timeline, zeros for blocks
+    it skipped) and what the speaker was given (callback timeline, zeros for silence)."""
+    n = int(d["block_index"].max()) + 1
+    model_in = np.zeros(n * FRAME)
+    for b, pcm in mic_frames(d).items():
+        model_in[b * FRAME : (b + 1) * FRAME] = pcm
+    played = np.zeros(n * FRAME)
+    for b, pcm in played_frames(d).items():
+        played[b * FRAME : (b + 1) * FRAME] = pcm
+    return model_in, played
+
+
+def mic_frames(d) -> dict[int, np.ndarray]:
+    """The microphone frames the model computed, by block."""
+    return dict(zip(d["step_block"].tolist(), d["step_pcm_in"], strict=True))
+
+
+def played_frames(d) -> dict[int, np.ndarray]:
+    """The Moshi frames the speaker was given, by the block (callback) that played them."""
+    played = d["block_played"]
+    return {int(b): d["step_pcm_out"][s] for b, s in zip(d["block_index"], played, strict=True)
+            if s >= 0}  # fmt: skip
+
+
+def through_the_bus(d, bus: np.ndarray) -> dict:
+    """Match the chat's dump against the bus recording: which microphone frames the model
+    got are on the left channel, which Moshi frames it played are on the right, and the
+    latency from one to the other, frame by frame."""
+    model_in, played = dump_timelines(d)
+    mic_lag, mic_corr = locate(model_in, bus[:, 0])
+    mic = mic_frames(d)
+    mic_found = find_frames(mic, bus[:, 0], mic_lag)
+    # The fixture's Mimi decodes every frame to nearly the same waveform (the part that
+    # depends on the codes is ~1e-3), so the speaker is located by its onset: it is silent
+    # before Moshi's first frame.
+    speaker = played_frames(d)
+    speaker_found = find_frames(speaker, bus[:, 1], onset(bus[:, 1]) - onset(played))
+    # one clock for the microphone blocks: the median placement of those found
+    mic_at = int(np.median([pos - b * FRAME for b, pos in mic_found.items()]))
+    step_block = d["step_block"]
+    latency = [
+        (pos - (mic_at + step_block[d["block_played"][b]] * FRAME)) / SAMPLE_RATE * 1000
+        for b, pos in speaker_found.items()
+    ]
+    audible_mic = [b for b, pcm in mic.items() if np.any(pcm)]
+    return {
+        "mic_corr": mic_corr,
+        "mic_found": len(mic_found) / max(1, len(audible_mic)),
+        "audible_mic": len(audible_mic),
+        "speaker_found": len(speaker_found) / max(1, len(speaker)),
+        "speaker_positions": np.array([speaker_found[b] for b in sorted(speaker_found)]),
+        "mic_at": mic_at,
+        "speaker_at": int(np.median([p - b * FRAME for b, p in speaker_found.items()])),
+        "latency_ms": np.array(latency),
+    }
+
+
+def report(name: str, figures: dict) -> None:
+    print(f"\n{name}: " + json.dumps(figures))
+    if REPORT:
+        with open(REPORT, "a") as f:
+            f.write(json.dumps({"test": name, **figures}) + "\n")
+
+
+def converse(card, model_dir, tmp_path, seconds_after: float = 1.0, *args):
+    """Start chat, feed the test signal once it listens, keep going ``seconds_after``, stop
+    with Ctrl-C. Returns the chat, the dump, the bus recording and the fed signal."""
+    bus = BusRecorder(card, tmp_path / "bus.f32")  # from before the chat's first block
+    chat = Chat(card, "--hf-path", model_dir, "--seed", 5, "--record", tmp_path / "talk.wav",
+                "--debug-dump", tmp_path / "dump.npz", "--status-every", 1, *args)  # fmt: skip
+    try:
+        chat.wait_for("speak now")
+        time.sleep(0.5)
+        sig = test_signal()
+        feed_mic(card, sig, tmp_path)
+        time.sleep(seconds_after)
+        rc = chat.interrupt()
+    finally:
+        chat.kill()
+    captured = bus.stop()
+    assert rc == 0, (chat.out, chat.err)
+    assert not any("Traceback" in line for line in chat.err), chat.err
+    return chat, np.load(tmp_path / "dump.npz"), captured, sig
+
+
+def test_chat_loopback_mic_reaches_the_model_and_its_frames_reach_the_speaker(
+    card, model_dir, tmp_path
+):
+    chat, d, bus, sig = converse(card, model_dir, tmp_path, 1.5)
+    summary = chat.summary()
+    model_in, played = dump_timelines(d)
+    assert len(d["step_block"]) == int(summary["frames"]) > 30
+
+    # the microphone reached the model: the fed signal is in what the model was given...
+    padded = np.concatenate([np.zeros(FRAME), sig, np.zeros(FRAME)])
+    lag_in, _ = locate(padded, model_in)
+    audible = {b: pcm for b, pcm in mic_frames(d).items() if np.any(pcm)}
+    in_signal = find_frames(audible, padded, -lag_in, search=4800)
+    assert len(in_signal) >= 0.9 * len(audible) >= 0.9 * len(sig) / FRAME, len(in_signal)
+    # ...and the model turned exactly those frames into its codes (replayed here, same seed)
+    lm, mimi, tok = moshi_mlx.load(model_dir)
+    driver = FrameDriver(lm, mimi, tok, Sampling(seed=5))
+    driver.warmup()
+    replay = [driver.step(pcm) for pcm in d["step_pcm_in"]]
+    np.testing.assert_array_equal(np.stack([s.user_codes for s in replay]), d["step_user_codes"])
+    np.testing.assert_allclose(np.stack([s.pcm for s in replay]), d["step_pcm_out"], atol=1e-5)
+
+    # the bus: left = what the virtual microphone heard, right = what the app played
+    bus_match = through_the_bus(d, bus)
+    assert bus_match["audible_mic"] >= 25  # the 2.5 s signal, minus what the feed lost
+    assert bus_match["mic_found"] > 0.9, bus_match  # the mic's frames, sample for sample
+    assert bus_match["speaker_found"] > 0.9, bus_match  # Moshi's frames, sample for sample
+    assert np.all(np.diff(bus_match["speaker_positions"]) >= FRAME)  # in order, none twice
+    latency = bus_match["latency_ms"]
+    estimated = (d["block_played_latency"][d["block_played"] >= 0]) * 1000
+    # the app's own estimate of the latency (PortAudio's clock) agrees with the bus
+    assert abs(np.median(latency) - np.median(estimated)) < 30
+
+    # the recording: left as the app heard it, right as the speaker played it, shifted by the
+    # stream's latency: the same left-to-right offset as measured on the bus
+    rec, rate = read_wav(tmp_path / "talk.wav")
+    assert rate == SAMPLE_RATE and rec.shape[1] == 2
+    n = len(model_in)
+    taken = np.zeros(n, bool)
+    for b in d["step_block"]:
+        taken[b * FRAME : (b + 1) * FRAME] = True
+    assert np.abs(rec[:n, 0] - model_in)[taken].max() < 2 / 32767
+    rec_offset = int(round(np.median(d["block_device_latency"][:8]) * SAMPLE_RATE))
+    assert np.abs(rec[rec_offset : rec_offset + n, 1] - played).max() < 2 / 32767
+    assert np.all(rec[:rec_offset, 1] == 0)
+    bus_offset = bus_match["speaker_at"] - bus_match["mic_at"]
+    offset_error_ms = (rec_offset - bus_offset) / SAMPLE_RATE * 1000
+    assert abs(offset_error_ms) < 30
+    assert (tmp_path / "talk.txt").is_file()
+
+    statuses = [line for line in chat.out if line.startswith("status ")]
+    assert statuses and "rtf=" in statuses[-1] and "latency_ms=" in statuses[-1]
+    report(
+        "loopback",
+        {
+            "frames": int(summary["frames"]),
+            "blocks": int(summary["blocks"]),
+            "dropped": int(summary["dropped"]),
+            "underruns": int(summary["underruns"]),
+            "compute_ms_median": float(summary["compute_ms_median"]),
+            "rtf_median": float(summary["rtf_median"]),
+            "pipeline_ms_measured_median": round(float(np.median(latency)), 1),
+            "pipeline_ms_measured_max": round(float(latency.max()), 1),
+            "pipeline_ms_estimated_median": round(float(np.median(estimated)), 1),
+            "device_roundtrip_ms": round(float(np.median(d["block_device_latency"])) * 1000, 1),
+            "mouth_to_ear_ms_estimated_median": float(summary["latency_ms_median"]),
+            "recording_offset_error_ms": round(offset_error_ms, 1),
+            "mic_frames_found_exactly": round(bus_match["mic_found"], 3),
+            "speaker_frames_found_exactly": round(bus_match["speaker_found"], 3),
+        },
+    )
+
+
+def test_chat_overload_keeps_latency_bounded_and_counts_drops(card, model_dir, tmp_path):
+    slow_ms, max_lag_ms = 200, 240
+    chat, d, bus, _ = converse(card, model_dir, tmp_path, 2.0, "--debug-slow-ms", slow_ms,
+                               "--max-lag-ms", max_lag_ms)  # fmt: skip
+    summary = chat.summary()
+    dropped = int(d["block_dropped"].sum())
+    assert dropped > 10 and int(summary["dropped_mic"]) == dropped
+    assert int(summary["dropped"]) >= dropped
+    assert float(summary["rtf_median"]) > 2.0  # compute really was too slow
+
+    bus_match = through_the_bus(d, bus)
+    assert bus_match["mic_found"] > 0.8 and bus_match["speaker_found"] > 0.8, bus_match
+    latency = bus_match["latency_ms"]
+    device_ms = float(np.median(d["block_device_latency"])) * 1000
+    compute_ms = float(d["step_compute_s"].max()) * 1000
+    # capture + waiting (bounded) + compute + the block it is played in + the devices
+    bound = device_ms + 80 + max_lag_ms + compute_ms + 80
+    assert latency.max() <= bound, (latency.max(), bound)
+    half = len(latency) // 2
+    assert latency[half:].max() <= latency[:half].max() + 80  # does not grow
+    seconds = int(summary["blocks"]) * 0.08
+    report(
+        "overload",
+        {
+            "slow_ms": slow_ms,
+            "max_lag_ms": max_lag_ms,
+            "seconds": round(seconds, 1),
+            "blocks": int(summary["blocks"]),
+            "frames": int(summary["frames"]),
+            "dropped_mic": int(summary["dropped_mic"]),
+            "dropped_speaker": int(summary["dropped_speaker"]),
+            "underruns": int(summary["underruns"]),
+            "rtf_median": float(summary["rtf_median"]),
+            "pipeline_ms_measured_median": round(float(np.median(latency)), 1),
+            "pipeline_ms_measured_max": round(float(latency.max()), 1),
+            "pipeline_ms_bound": round(bound, 1),
+            "unbounded_lag_would_reach_ms": round(seconds * 1000 * (1 - 80 / compute_ms)),
+        },
+    )
+
+
+def test_chat_device_lost_mid_stream_exits_with_one_line_and_keeps_the_recording(
+    model_dir, tmp_path, card
+):
+    own = card_env(tmp_path / "card")  # a sound card of its own, to pull the plug on
+    chat = Chat(own, "--hf-path", model_dir, "--record", tmp_path / "lost.wav")
+    try:
+        chat.wait_for("speak now")
+        time.sleep(1.5)
+        subprocess.run([str(AUDIO_ENV), "stop"], env=own, check=True, timeout=30)
+        rc = chat.wait(timeout=30)
+    finally:
+        chat.kill()
+        subprocess.run([str(AUDIO_ENV), "stop"], env=own, timeout=30)
+    assert rc == 1, (chat.out, chat.err)
+    assert len(chat.err) == 1, chat.err
+    assert chat.err[0].startswith("moshi-mlx chat: error: the audio stream stopped")
+    assert "--list-devices" in chat.err[0]
+    rec, rate = read_wav(tmp_path / "lost.wav")
+    assert rate == SAMPLE_RATE and rec.shape[1] == 2 and len(rec) >= SAMPLE_RATE
+    assert any(line.startswith("summary ") for line in chat.out)
+
+
+def run_chat(env, *args, timeout=60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moshi_mlx.app", "chat", *map(str, args)],
+                          env=env, capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def test_chat_list_devices_shows_the_virtual_card(card):
+    r = run_chat(card, "--list-devices")
+    assert r.returncode == 0, r.stderr
+    assert "default" in r.stdout and "pulse" in r.stdout
+    assert "ALSA lib" not in r.stderr  # PortAudio's chatter is filtered
+
+
+def test_chat_without_any_device_says_so_in_one_line(card, tmp_path, model_dir):
+    env = dict(card, PULSE_SERVER=f"unix:{tmp_path}/no-such-socket")
+    r = run_chat(env, "--hf-path", model_dir)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no input device found" in lines[0], lines
+    assert "--list-devices" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--output-device", "no-such-speaker"], "No output device matching 'no-such-speaker'"),
+        (["--input-device", "42"], "there is no input device 42"),
+        (["--max-lag-ms", "10"], "--max-lag-ms must be at least 80"),
+        (["--record", "/no/such/folder/x.wav"], "does not exist"),
+        (["--device-latency", "fast"], "--device-latency must be"),
+    ],
+)
+def test_chat_bad_arguments_give_one_line(card, model_dir, args, words):
+    r = run_chat(card, "--hf-path", model_dir, *args)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], lines
+
+
+def test_chat_refuses_a_device_that_cannot_do_the_rate(card):
+    # A real PortAudio refusal: the virtual card does not go up to 1 MHz.
+    code = (
+        "import sounddevice as sd\n"
+        "from moshi_mlx.app.audio import check_device\n"
+        "from moshi_mlx.app.cli import UserError\n"
+        "try:\n"
+        "    check_device(sd, 'default', 'input', samplerate=1e6)\n"
+        "except UserError as e:\n"
+        "    print(e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env=card, capture_output=True, text=True,
+                       timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "cannot record mono 1000 kHz audio" in r.stdout and "--input-device" in r.stdout
