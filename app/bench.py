@@ -34,6 +34,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
+
 from moshi_mlx.app.cli import UserError
 
 HELP = "time the frame step (Mimi, temporal and depth transformers) on a model or random weights"
@@ -302,18 +303,25 @@ def build_models(args, progress) -> dict:
     group_size = args.q_group_size or (DEFAULT_GROUP_SIZE[bits] if bits else None)
 
     if args.hf_path:
-        from moshi_mlx import load
+        # As moshi_mlx.load, but the tokenizer is not needed and Mimi may come from elsewhere.
+        from moshi_mlx.loading import as_dtype, find_model_files, load_lm, model_folder
 
-        lm, mimi, _ = load(args.hf_path, dtype=args.dtype, lazy=True)
+        unused = os.devnull  # a path find_model_files records but the bench never reads
+        files = find_model_files(
+            model_folder(args.hf_path),
+            mimi_weights=args.mimi_weights or (unused if args.no_mimi else None),
+            tokenizer=unused,
+        )
         info["model"] = args.hf_path
-        if args.no_lm:
-            lm = None
-        elif bits and _is_quantized(lm):
-            raise UserError("this model is already quantized; -q applies to float models")
-        else:
+        if not args.no_lm:
+            lm = load_lm(files.lm_weights, files.lm_config, dtype=as_dtype(args.dtype))
+            if bits and _is_quantized(lm):
+                raise UserError("this model is already quantized; -q applies to float models")
             if bits:
                 quantize(lm, bits, group_size)
             materialize(lm, progress)
+        if not args.no_mimi and not args.mimi_weights:
+            mimi = load_mimi(files.mimi_weights, mimi_cfg or files.mimi_config)
     elif not args.no_lm:
         cfg = lm_config_from_args(args)
         info["model"] = f"random weights, config {args.config or 'moshiko-7b'}"

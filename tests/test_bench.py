@@ -13,11 +13,11 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from conftest import MIMI_DIR
-from moshi_mlx.app import bench
-from moshi_mlx.app.cli import main
+from conftest import MIMI_DIR, UPSTREAM_MLX_DIR
 
 import moshi_mlx
+from moshi_mlx.app import bench
+from moshi_mlx.app.cli import main
 
 TINY_LM = {
     "dim": 64, "text_card": 64, "n_q": 16, "dep_q": 8, "card": 2048, "num_heads": 2,
@@ -141,6 +141,31 @@ def test_converted_model_from_a_folder(capsys, pytorch_repo):
     assert result["model"] == str(pytorch_repo) and result["quant"] is None
     assert result["config"]["dim"] == 64  # the fixture LM, not a preset
     assert result["frame_ms_p50"] > 0 and result["mimi_ms_p50"] > 0
+
+
+def one_lm_file(tmp_path: Path, name: str) -> Path:
+    # Kyutai's MLX layout (random LM of the fixtures), one weight file, no Mimi, no tokenizer.
+    folder = tmp_path / name
+    folder.mkdir()
+    for f in ("config.json", name):
+        (folder / f).symlink_to(UPSTREAM_MLX_DIR / "quant" / f)
+    return folder
+
+
+def test_converted_lm_alone_needs_no_mimi_or_tokenizer(capsys, tmp_path):
+    folder = one_lm_file(tmp_path, "model.q4.safetensors")
+    argv = ["--hf-path", str(folder), "--no-mimi", "--steps", "2", "--warmup", "1", "--json"]
+    code, out, _ = run_bench(capsys, *argv)
+    assert code == 0
+    result = json.loads(out)
+    assert result["quant"] == {"bits": 4, "group_size": 32}  # read from the file
+    assert result["mimi"] is None and result["lm_step_ms_p50"] > 0
+
+
+def test_quantizing_a_quantized_model_is_refused(capsys, tmp_path):
+    folder = one_lm_file(tmp_path, "model.q8.safetensors")
+    code, _, err = run_bench(capsys, "--hf-path", str(folder), "--no-mimi", "-q", "4")
+    assert code == 1 and "already quantized" in err and len(err.strip().splitlines()) == 1
 
 
 def scale_args(**kw) -> argparse.Namespace:
