@@ -113,36 +113,45 @@ def one_line(e: BaseException) -> str:
 class LagPolicy:
     """What to drop, decided by the compute thread just before it computes a microphone frame.
 
-    ``waiting`` is the number of frames queued besides the one about to be computed: microphone
-    frames not computed yet plus Moshi frames not played yet. Every frame waiting adds 80 ms
-    between the user's voice and Moshi's answer, so:
+    Every frame waiting in the app (microphone frames not computed yet, Moshi frames not
+    played yet) adds 80 ms between the user's voice and Moshi's answer, so:
 
-    - hard bound: if more than ``max_waiting`` frames wait, the frame about to be computed is
-      skipped (the oldest microphone audio goes first; skipping also saves its compute);
-    - catch-up: after a hiccup the queues can stay full although compute keeps up again. If,
-      over the last ``settle`` frames, more than ``keep`` frames were always waiting, one frame
-      is dropped (the oldest unplayed Moshi frame, else the microphone frame), so the latency
-      creeps back to the minimum instead of staying high.
+    - hard bound: if more than ``max_waiting`` frames wait besides the one about to be
+      computed, that frame (the oldest microphone audio) is skipped, which also saves its
+      compute. Latency cannot grow past the bound however slow compute is.
+    - catch-up: after a hiccup compute keeps up again but the frames it fell behind by still
+      wait. Over the last ``settle`` frames: if the speaker queue never ran down to empty at a
+      callback (``spare`` > 0: a frame of slack that was never needed), the oldest unplayed
+      Moshi frame is dropped; if microphone frames were always waiting, the oldest one is
+      skipped. So latency returns to the minimum, while slack that jitter keeps using stays.
     """
 
     RUN, DROP_MIC, DROP_SPEAKER = "run", "drop-mic", "drop-speaker"
 
-    def __init__(self, max_waiting: int, settle: int = 50, keep: int = 1):
+    def __init__(self, max_waiting: int, settle: int = 50):
         if max_waiting < 1:
             raise ValueError("max_waiting must be at least one frame")
         self.max_waiting = max_waiting
-        self.keep = min(keep, max_waiting)
-        self.recent: deque[int] = deque(maxlen=settle)
+        self.spares: deque[int] = deque(maxlen=settle)
+        self.backlog: deque[int] = deque(maxlen=settle)
 
-    def decide(self, mic_waiting: int, speaker_waiting: int) -> str:
-        waiting = mic_waiting + speaker_waiting
-        if waiting > self.max_waiting:
-            self.recent.clear()
+    def decide(self, mic_waiting: int, speaker_waiting: int, spare: int) -> str:
+        """``mic_waiting``, ``speaker_waiting``: queue depths now; ``spare``: Moshi frames left
+        in the speaker queue just after this frame's callback took one (-1: it found none)."""
+        if mic_waiting + speaker_waiting > self.max_waiting:
+            self.spares.clear()
+            self.backlog.clear()
             return self.DROP_MIC
-        self.recent.append(waiting)
-        if len(self.recent) == self.recent.maxlen and min(self.recent) > self.keep:
-            self.recent.clear()
-            return self.DROP_SPEAKER if speaker_waiting else self.DROP_MIC
+        self.spares.append(spare)
+        self.backlog.append(mic_waiting)
+        if len(self.spares) < self.spares.maxlen:
+            return self.RUN
+        if min(self.spares) > 0 and speaker_waiting:
+            self.spares.clear()
+            return self.DROP_SPEAKER
+        if min(self.backlog) > 0:
+            self.backlog.clear()
+            return self.DROP_MIC
         return self.RUN
 
 
@@ -155,6 +164,7 @@ class MicBlock:
     adc: float  # stream time the block's first sample was captured (s)
     dac: float  # stream time the first sample given to the speaker in this callback plays (s)
     played: int  # index of the Moshi frame played in this callback, -1 for silence
+    spare: int  # Moshi frames still queued after this callback took one (-1: none to take)
     played_latency: float  # dac - capture time of the mic frame it was computed from (s)
 
 
@@ -185,6 +195,7 @@ class DuplexAudio:
         self.started_playing = False
         self.flags: Counter[str] = Counter()
         self.failed = threading.Event()  # the stream ended without being asked to
+        self.stuck = False  # PortAudio did not return from stopping the stream
         self._stopping = False
         try:
             self.stream = sd.Stream(
@@ -204,13 +215,23 @@ class DuplexAudio:
     def start(self) -> None:
         self.stream.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 3.0) -> bool:
+        """Stop and close the stream (the last Moshi frames play out). False if PortAudio did
+        not return within ``timeout`` s (a device that vanished can leave it blocked)."""
         self._stopping = True
-        for close in (self.stream.stop, self.stream.close):
-            try:
-                close()
-            except Exception:  # the device may be gone already; nothing left to save
-                pass
+
+        def close():
+            for step in (self.stream.stop, self.stream.close):
+                try:
+                    step()
+                except Exception:  # the device may be gone already; nothing left to save
+                    pass
+
+        closer = threading.Thread(target=close, name="close-audio", daemon=True)
+        closer.start()
+        closer.join(timeout)
+        self.stuck = closer.is_alive()
+        return not self.stuck
 
     @property
     def active(self) -> bool:
@@ -237,13 +258,14 @@ class DuplexAudio:
             frame = self.speaker.get_nowait()
         except queue.Empty:
             outdata.fill(0)
-            played, played_latency = -1, math.nan
+            played, played_latency, spare = -1, math.nan, -1
             self.underruns += self.started_playing
         else:
             outdata[:, 0] = frame.pcm
             played, played_latency = frame.step, dac - frame.adc
+            spare = self.speaker.qsize()
             self.started_playing = True
-        block = MicBlock(self.blocks, indata[:, 0].copy(), adc, dac, played, played_latency)
+        block = MicBlock(self.blocks, indata[:, 0].copy(), adc, dac, played, spare, played_latency)
         self.blocks += 1
         try:
             self.mic.put_nowait(block)
@@ -280,12 +302,25 @@ class NativeStderrFilter:
         return self
 
     def _pump(self, read_fd: int) -> None:
-        with os.fdopen(read_fd, "rb") as pipe:
-            for line in pipe:
-                if line.decode(errors="replace").startswith(self.NOISE):
-                    self.hidden += 1
-                else:
-                    os.write(self._saved, line)
+        pending = b""
+        while chunk := os.read(read_fd, 4096):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                self._forward(line + b"\n")
+            if b"\r" in pending:  # progress bars redraw with \r: pass them on at once
+                cut = pending.rindex(b"\r") + 1
+                self._forward(pending[:cut])
+                pending = pending[cut:]
+        if pending:
+            self._forward(pending)
+        os.close(read_fd)
+
+    def _forward(self, data: bytes) -> None:
+        if data.lstrip(b"\r").decode(errors="replace").startswith(self.NOISE):
+            self.hidden += 1
+        else:
+            os.write(self._saved, data)
 
     def __exit__(self, *exc) -> None:
         if self._saved is None:

@@ -13,6 +13,7 @@ import math
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -45,6 +46,11 @@ from .wavio import temp_beside
 
 HELP = "talk with Moshi: microphone -> Moshi -> speakers, full duplex, with a live transcript"
 DEFAULT_MAX_LAG_MS = 400.0
+STALL_S = 2.0  # no audio callback for this long means the stream is dead
+STREAM_STOPPED = (
+    "the audio stream stopped: a sound device failed or was disconnected "
+    "(see `moshi-mlx chat --list-devices`)"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -78,13 +84,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--status-every", type=float, default=5.0, help=argparse.SUPPRESS)
 
 
+class _PortAudioStuck(Exception):
+    """PortAudio did not return from stopping a stream (its device vanished)."""
+
+
 def main(args: argparse.Namespace) -> int:
-    with NativeStderrFilter():
-        sd = import_sounddevice()
-        if args.list_devices:
-            print(list_devices(sd))
-            return 0
-        return Chat(args, sd).run()
+    try:
+        with NativeStderrFilter():
+            sd = import_sounddevice()
+            if args.list_devices:
+                print(list_devices(sd))
+                return 0
+            return Chat(args, sd).run()
+    except _PortAudioStuck as e:
+        # A blocked PortAudio would also hang the interpreter's exit (sounddevice terminates
+        # PortAudio then); the recording and summary are written, so leave at once.
+        if e.args[0]:
+            print(f"moshi-mlx chat: error: {e.args[0]}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1 if e.args[0] else 0)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -156,6 +175,8 @@ class Chat:
             restore()
             if audio is not None:
                 self._finish(worker, audio, recorder)
+        if audio is not None and audio.stuck:
+            raise _PortAudioStuck(failure)
         if failure:
             raise UserError(failure)
         return 0
@@ -163,16 +184,18 @@ class Chat:
     def _converse(self, worker: ComputeWorker, audio: DuplexAudio) -> str | None:
         """Runs until Ctrl-C (None) or a failure (its one-line message)."""
         screen = self.screen
+        blocks, since = audio.blocks, time.monotonic()
         while not self.stop.wait(0.1):
             self._pump(worker)
             screen.tick()
             if worker.error is not None:
                 raise worker.error
             if audio.failed.is_set() or not audio.active:
-                return (
-                    "the audio stream stopped: a sound device failed or was disconnected "
-                    "(see `moshi-mlx chat --list-devices`)"
-                )
+                return STREAM_STOPPED
+            if audio.blocks != blocks:
+                blocks, since = audio.blocks, time.monotonic()
+            elif time.monotonic() - since > STALL_S:  # open but silent: the device is gone
+                return STREAM_STOPPED
         return None
 
     def _pump(self, worker: ComputeWorker) -> None:
@@ -277,7 +300,7 @@ class ComputeWorker(threading.Thread):
             except queue.Empty:
                 continue
             self._account(block)
-            decision = self.policy.decide(audio.mic.qsize(), audio.speaker.qsize())
+            decision = self.policy.decide(audio.mic.qsize(), audio.speaker.qsize(), block.spare)
             self._dump_block(block, decision)
             if decision == LagPolicy.DROP_MIC:
                 self.dropped_mic += 1

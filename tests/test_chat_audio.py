@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+import moshi_mlx
 from moshi_mlx.app.loop import FRAME, SAMPLE_RATE, FrameDriver
 from moshi_mlx.app.model_args import Sampling
 from moshi_mlx.app.wavio import read_wav
-
-import moshi_mlx
 
 ROOT = Path(__file__).resolve().parents[1]
 AUDIO_ENV = ROOT / "scripts" / "audio_env.sh"
@@ -198,23 +198,25 @@ def onset(x: np.ndarray, threshold: float = 0.0) -> int:
 
 
 def find_frames(
-    frames: dict[int, np.ndarray], channel: np.ndarray, lag: int, search: int = 960
+    frames: dict[int, np.ndarray], channel: np.ndarray, lag: int, search: int = SAMPLE_RATE // 2
 ) -> dict[int, int]:
     """Where each frame ``{block: pcm}`` starts in ``channel``, found sample for sample
-    within ``search`` samples of ``lag + block * 1920`` (PulseAudio can slip a stream by a
-    few ms when another one starts or runs dry). Silent frames and frames that are not there
-    exactly (e.g. the last ones, cut when the stream stops) are left out."""
-    view = np.lib.stride_tricks.sliding_window_view
+    within ``search`` samples of ``lag + block * 1920`` (PulseAudio slips a stream when
+    another one starts, or inserts silence when one runs dry on a loaded machine). Silent
+    frames and frames that are not there exactly (e.g. the last ones, cut when the stream
+    stops) are left out."""
     found = {}
     for block, pcm in frames.items():
         start = max(0, lag + block * FRAME - search)
         stop = min(len(channel), lag + block * FRAME + search + FRAME)
         if not np.any(pcm) or stop - start < FRAME:
             continue
-        error = np.abs(view(channel[start:stop], FRAME) - pcm).max(axis=1)
-        k = int(np.argmin(error))
-        if error[k] < 1e-6:
-            found[block] = start + k
+        anchor = int(np.argmax(np.abs(pcm)))  # candidates: where the loudest sample is exact
+        seg = channel[start + anchor : stop - FRAME + anchor + 1]
+        for k in np.flatnonzero(seg == pcm[anchor]):
+            if np.abs(channel[start + k : start + k + FRAME] - pcm).max() < 1e-6:
+                found[block] = start + int(k)
+                break
     return found  # fmt: skip
 
 
@@ -271,7 +273,9 @@ def through_the_bus(d, bus: np.ndarray) -> dict:
         "speaker_found": len(speaker_found) / max(1, len(speaker)),
         "speaker_positions": np.array([speaker_found[b] for b in sorted(speaker_found)]),
         "mic_at": mic_at,
-        "speaker_at": int(np.median([p - b * FRAME for b, p in speaker_found.items()])),
+        # where the speaker's callback timeline starts, from its first frames (a loaded
+        # machine can make PulseAudio insert silence later, shifting what follows)
+        "speaker_at": int(np.median([p - b * FRAME for b, p in sorted(speaker_found.items())[:8]])),
         "latency_ms": np.array(latency),
     }
 
@@ -334,8 +338,9 @@ def test_chat_loopback_mic_reaches_the_model_and_its_frames_reach_the_speaker(
     assert np.all(np.diff(bus_match["speaker_positions"]) >= FRAME)  # in order, none twice
     latency = bus_match["latency_ms"]
     estimated = (d["block_played_latency"][d["block_played"] >= 0]) * 1000
-    # the app's own estimate of the latency (PortAudio's clock) agrees with the bus
-    assert abs(np.median(latency) - np.median(estimated)) < 30
+    # the app's own estimate of the latency (PortAudio's clock) agrees with the bus, at least
+    # until the devices slip (the first frames)
+    assert abs(np.median(latency[:10]) - np.median(estimated[:10])) < 30
 
     # the recording: left as the app heard it, right as the speaker played it, shifted by the
     # stream's latency: the same left-to-right offset as measured on the bus
@@ -427,7 +432,12 @@ def test_chat_device_lost_mid_stream_exits_with_one_line_and_keeps_the_recording
         chat.wait_for("speak now")
         time.sleep(1.5)
         subprocess.run([str(AUDIO_ENV), "stop"], env=own, check=True, timeout=30)
-        rc = chat.wait(timeout=30)
+        try:
+            rc = chat.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            alive = subprocess.run([str(AUDIO_ENV), "status"], env=own, capture_output=True)
+            raise AssertionError(f"chat still running; card status {alive.returncode}: "
+                                 f"{chat.out} {chat.err}") from None  # fmt: skip
     finally:
         chat.kill()
         subprocess.run([str(AUDIO_ENV), "stop"], env=own, timeout=30)
@@ -469,6 +479,7 @@ def test_chat_without_any_device_says_so_in_one_line(card, tmp_path, model_dir):
         (["--max-lag-ms", "10"], "--max-lag-ms must be at least 80"),
         (["--record", "/no/such/folder/x.wav"], "does not exist"),
         (["--device-latency", "fast"], "--device-latency must be"),
+        (["--hf-path", "/no/such/model"], "no such folder: /no/such/model"),
     ],
 )
 def test_chat_bad_arguments_give_one_line(card, model_dir, args, words):
