@@ -141,14 +141,14 @@ class RichScreen:
         bad_rtf = s["rtf"] is not None and s["rtf"] > 1.0
         parts = [
             (f"{minutes:02d}:{seconds:02d}", ""),
-            (f"compute {f['compute_ms']} ms/frame", ""),
+            (f"compute {f['compute_ms']} ms", ""),
             (f"RTF {f['rtf']}", "bold red" if bad_rtf else ""),
             (f"latency ~{f['latency_ms']} ms", ""),
-            (f"queues mic {f['mic_queue']} · speaker {f['speaker_queue']}", ""),
+            (f"queue mic {f['mic_queue']} spk {f['speaker_queue']}", ""),
             (f"dropped {f['dropped']}", "yellow" if s["dropped"] else ""),
             (f"underruns {f['underruns']}", "yellow" if s["underruns"] else ""),
         ]
-        text = Text()
+        text = Text(no_wrap=True, overflow="ellipsis")
         for i, (part, style) in enumerate(parts):
             if i:
                 text.append(" │ ", style="dim")

@@ -282,7 +282,7 @@ def test_rich_screen_shows_transcript_and_status():
     screen.tick()
     screen.close()
     text = out.getvalue()
-    for words in ("moshi listens and speaks", "31 ms/frame", "RTF 0.39", "latency ~260 ms",
+    for words in ("moshi listens and speaks", "compute 31 ms", "RTF 0.39", "latency ~260 ms",
                   "dropped 2", "underruns 3"):  # fmt: skip
         assert words in text
 
