@@ -261,10 +261,13 @@ def through_the_bus(d, bus: np.ndarray) -> dict:
     # one clock for the microphone blocks: the median placement of those found
     mic_at = int(np.median([pos - b * FRAME for b, pos in mic_found.items()]))
     step_block = d["step_block"]
+    row = {int(b): i for i, b in enumerate(d["block_index"])}
+    blocks = sorted(speaker_found)
     latency = [
-        (pos - (mic_at + step_block[d["block_played"][b]] * FRAME)) / SAMPLE_RATE * 1000
-        for b, pos in speaker_found.items()
+        (speaker_found[b] - (mic_at + step_block[d["block_played"][row[b]]] * FRAME)) / SAMPLE_RATE
+        for b in blocks
     ]
+    estimated = [d["block_played_latency"][row[b]] for b in blocks]  # the app's, same frames
     audible_mic = [b for b, pcm in mic.items() if np.any(pcm)]
     return {
         "mic_corr": mic_corr,
@@ -276,7 +279,8 @@ def through_the_bus(d, bus: np.ndarray) -> dict:
         # where the speaker's callback timeline starts, from its first frames (a loaded
         # machine can make PulseAudio insert silence later, shifting what follows)
         "speaker_at": int(np.median([p - b * FRAME for b, p in sorted(speaker_found.items())[:8]])),
-        "latency_ms": np.array(latency),
+        "latency_ms": np.array(latency) * 1000,
+        "estimated_ms": np.array(estimated) * 1000,
     }
 
 
@@ -336,11 +340,10 @@ def test_chat_loopback_mic_reaches_the_model_and_its_frames_reach_the_speaker(
     assert bus_match["mic_found"] > 0.9, bus_match  # the mic's frames, sample for sample
     assert bus_match["speaker_found"] > 0.9, bus_match  # Moshi's frames, sample for sample
     assert np.all(np.diff(bus_match["speaker_positions"]) >= FRAME)  # in order, none twice
-    latency = bus_match["latency_ms"]
-    estimated = (d["block_played_latency"][d["block_played"] >= 0]) * 1000
-    # the app's own estimate of the latency (PortAudio's clock) agrees with the bus, at least
-    # until the devices slip (the first frames)
-    assert abs(np.median(latency[:10]) - np.median(estimated[:10])) < 30
+    latency, estimated = bus_match["latency_ms"], bus_match["estimated_ms"]
+    # the app's own estimate of the latency (PortAudio's clock) agrees with the bus, frame by
+    # frame, at least until the devices slip (the first frames)
+    assert np.median(np.abs(latency - estimated)[:10]) < 30, (latency, estimated)
 
     # the recording: left as the app heard it, right as the speaker played it, shifted by the
     # stream's latency: the same left-to-right offset as measured on the bus
