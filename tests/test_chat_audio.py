@@ -404,7 +404,7 @@ def test_chat_overload_keeps_latency_bounded_and_counts_drops(card, model_dir, t
     bound = device_ms + 80 + max_lag_ms + compute_ms + 80
     assert latency.max() <= bound, (latency.max(), bound)
     half = len(latency) // 2
-    assert latency[half:].max() <= latency[:half].max() + 80  # does not grow
+    assert np.median(latency[half:]) <= np.median(latency[:half]) + 40  # does not grow
     seconds = int(summary["blocks"]) * 0.08
     report(
         "overload",
