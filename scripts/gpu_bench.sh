@@ -18,9 +18,10 @@
 # (default "q4 bf16").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MLX=0.32.4 MLX_LM=0.32.2
+MLX=0.32.4 MLX_LM=0.32.2 CUDART=13.0.96
 CUDA_WHEEL=mlx_cuda_13-$MLX-py3-none-manylinux_2_35_x86_64.whl
-STASH=/tmp/moshi-whl SITE=/tmp/site PKG=/tmp/moshi-pkg
+CUDART_WHEEL=nvidia_cuda_runtime-$CUDART-py3-none-manylinux2014_x86_64.manylinux_2_17_x86_64.whl
+STASH=/tmp/moshi-whl SITE=/tmp/site PKG=/tmp/moshi-pkg HEADERS=/tmp/cuda-headers
 mode=${1:-run}
 
 if [ "$mode" = pack ]; then
@@ -31,6 +32,10 @@ if [ "$mode" = pack ]; then
   # mlx[cuda13] = mlx + mlx-cuda-13 (CUDA 13 libraries: the machine's PyTorch cu130 has them);
   # mlx-lm's own dependencies (transformers, numpy, ...) are on the machine already.
   "${dl[@]}" "mlx==$MLX" "mlx-cuda-13==$MLX" "mlx-lm==$MLX_LM"
+  # Spare CUDA 13 runtime headers (2 MB), used only if the machine has none: MLX compiles
+  # kernels at run time with NVRTC and needs cuda_runtime.h & co.
+  .venv/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux2014_x86_64 -d .whl "nvidia-cuda-runtime==$CUDART"
   if [ -f .whl/$CUDA_WHEEL ]; then
     half=$(( ($(stat -c %s .whl/$CUDA_WHEEL) + 1) / 2 ))
     split -b "$half" -d -a 1 .whl/$CUDA_WHEEL .whl/$CUDA_WHEEL.part
@@ -49,7 +54,7 @@ Device call 1 (about 10 s):
              ".whl/mlx-$MLX-cp312-cp312-manylinux_2_35_x86_64.whl", ".whl/mlx_lm-$MLX_LM-py3-none-any.whl"])
 Device call 2, right after (same warm machine):
   run(command="bash scripts/gpu_bench.sh run 20", timeout_s=600,
-      carry=[".whl/$CUDA_WHEEL.part1"])
+      carry=[".whl/$CUDA_WHEEL.part1", ".whl/$CUDART_WHEEL"])
 EOF
   exit 0
 fi
@@ -81,13 +86,16 @@ if [ ! -f $STASH/$CUDA_WHEEL ]; then
   cat $STASH/$CUDA_WHEEL.part0 $STASH/$CUDA_WHEEL.part1 > $STASH/$CUDA_WHEEL
   (cd $STASH && sha256sum -c $CUDA_WHEEL.sha256)
 fi
-rm -rf $SITE && mkdir -p $SITE
-python3 - $SITE $STASH/*.whl <<'EOF'
+rm -rf $SITE $HEADERS && mkdir -p $SITE $HEADERS
+python3 - $SITE $HEADERS $STASH/*.whl <<'EOF'
 import sys, zipfile
-# Wheels without .data folders are plain zips: extracting them is installing them.
-for wheel in sys.argv[2:]:
-    zipfile.ZipFile(wheel).extractall(sys.argv[1])
-    print("installed", wheel.rsplit("/", 1)[-1])
+# Wheels without .data folders are plain zips: extracting them is installing them. The spare
+# CUDA headers go aside, so that the machine's own nvidia/ packages stay the ones linked.
+site, headers, wheels = sys.argv[1], sys.argv[2], sys.argv[3:]
+for wheel in wheels:
+    name = wheel.rsplit("/", 1)[-1]
+    zipfile.ZipFile(wheel).extractall(headers if name.startswith("nvidia_") else site)
+    print("installed", name)
 EOF
 
 # The package maps app/ and convert/ into moshi_mlx only when installed; do that mapping here
@@ -99,7 +107,7 @@ export PYTHONPATH=$PKG:$SITE
 
 # libmlx.so finds the CUDA libraries through $ORIGIN/../../nvidia/... (the machine's PyTorch
 # copies), and NVRTC needs the CUDA runtime headers for the kernels MLX compiles at run time.
-eval "$(python3 - $SITE <<'EOF'
+eval "$(HEADERS=$HEADERS python3 - $SITE <<'EOF'
 import os, sys
 site = sys.argv[1]
 roots = [os.path.join(p, "nvidia") for p in sys.path[1:] if p and not p.startswith(site)]
@@ -111,6 +119,7 @@ libs = [d for d in libs if os.path.isdir(d)]
 print(f"export LD_LIBRARY_PATH={':'.join(libs)}${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}")
 homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
 homes += [os.path.join(r, d) for r in roots for d in ("cu13", "cuda_runtime")]
+homes += [os.path.join(os.environ["HEADERS"], "nvidia", "cu13")]  # the spare ones, last
 for h in homes:
     if h and os.path.isfile(os.path.join(h, "include", "cuda_runtime.h")):
         print(f"export CUDA_HOME={h}")
@@ -144,6 +153,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 # -- the runs ------------------------------------------------------------------------------
 declare -A FLAGS=([q4]="-q 4" [q8]="-q 8" [bf16]="")
 for run in ${RUNS:-q4 bf16}; do
+  [ -n "${FLAGS[$run]+set}" ] || { echo "gpu_bench: unknown run $run (q4, q8, bf16)" >&2; continue; }
   echo "== 7B random weights, $run, $STEPS frames after 3"
   # From $PKG: the repository's own moshi_mlx/ (without app/) must not come first on sys.path.
   # The bench's own entry point: the dispatcher would also import convert (all of mlx_lm).
