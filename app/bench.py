@@ -46,6 +46,16 @@ SHORT_DTYPE = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
 DEFAULT_GROUP_SIZE = {4: 32, 8: 64}  # upstream's choices (moshi_mlx.local / run_inference)
 SAMPLERS = ("top-p", "top-k", "greedy")
 REF_SAMPLER = {"top-p": "default", "top-k": "topk", "greedy": "greedy"}
+SCALE_FLAGS = (
+    "dim",
+    "layers",
+    "heads",
+    "dep_dim",
+    "dep_layers",
+    "dep_heads",
+    "context",
+    "text_card",
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -118,6 +128,10 @@ def _check_args(args) -> None:
         raise UserError("give either --hf-path or --random-weights, not both")
     if args.config and not args.random_weights:
         raise UserError("--config needs --random-weights (a converted model has its own config)")
+    scaled = [f for f in SCALE_FLAGS if getattr(args, f) is not None]
+    if scaled and not args.random_weights:
+        flag = "--" + scaled[0].replace("_", "-")
+        raise UserError(f"{flag} scales a --random-weights config; a converted model keeps its own")
     mimi_given = args.mimi_weights is not None
     if not args.hf_path and not args.random_weights and not (args.no_lm and mimi_given):
         raise UserError(

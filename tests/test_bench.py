@@ -218,6 +218,7 @@ def test_config_presets_and_json(tiny_config):
         (["--random-weights", "--no-lm", "--no-mimi"], "nothing to time"),
         (["--random-weights", "--steps", "0"], "--steps must be at least 1"),
         (["--hf-path", "/nonexistent/model"], "no such folder"),
+        (["--hf-path", "some/repo", "--dim", "256"], "--dim scales a --random-weights config"),
     ],
 )
 def test_errors_are_one_line(capsys, argv, message):
