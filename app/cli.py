@@ -1,8 +1,8 @@
 """``moshi-mlx``: one command line with a subcommand per job.
 
-Each subcommand lives in its own module exposing ``HELP``, ``add_arguments(parser)`` and
-``main(args) -> int``; errors meant for users are raised as ``UserError`` (or ``ValueError``
-from the library) and printed as one line.
+Each subcommand lives in its own module exposing ``HELP`` (its description),
+``add_arguments(parser)`` and ``main(args) -> int``; errors meant for users are raised as
+``UserError`` (or ``ValueError`` from the library) and printed as one line.
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ import argparse
 import importlib
 import sys
 
+# name -> (module, one-line help); a module is imported only when its subcommand runs.
 SUBCOMMANDS = {
-    "chat": "moshi_mlx.app.chat",
-    "run": "moshi_mlx.app.run",
-    "convert": "moshi_mlx.convert.cli",
-    "bench": "moshi_mlx.app.bench",
+    "chat": ("moshi_mlx.app.chat", "talk with Moshi through the microphone and speakers"),
+    "run": ("moshi_mlx.app.run", "file in, file out: Moshi's reply to a WAV file"),
+    "convert": ("moshi_mlx.convert.cli", "convert (and quantize) a checkpoint to an MLX folder"),
+    "bench": ("moshi_mlx.app.bench", "time the frame step (real-time factor, memory)"),
 }
 
 
@@ -23,26 +24,26 @@ class UserError(Exception):
     """A problem the user can fix; printed without a traceback."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """Only the subcommand named in ``argv`` gets its module imported (they pull in very
+    different dependencies: sound, the Hugging Face hub, transformers...)."""
     parser = argparse.ArgumentParser(
         prog="moshi-mlx", description="Moshi full-duplex speech model in MLX"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, module_name in SUBCOMMANDS.items():
-        try:
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name in argv:
             module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name != module_name:
-                raise
-            continue  # subcommand not built yet
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
-        module.add_arguments(p)
-        p.set_defaults(_main=module.main)
+            p.description = module.HELP
+            module.add_arguments(p)
+            p.set_defaults(_main=module.main)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[:1]).parse_args(argv)
     try:
         return args._main(args) or 0
     except (UserError, ValueError, FileNotFoundError) as e:
