@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -113,6 +114,7 @@ def load_model(args: argparse.Namespace, report: Callable[[str], None] = print):
     from .cli import UserError
 
     name = model_name(args)
+    start = time.perf_counter()
     if hub.local_folder(name) is None:
         report(f"fetching {name} from the Hugging Face Hub (cached after the first run)")
     try:
@@ -121,6 +123,7 @@ def load_model(args: argparse.Namespace, report: Callable[[str], None] = print):
         raise UserError(" ".join(str(e).split())) from None
     if getattr(args, "quantize", False) and args.hf_path:
         _quantize(lm, args, report)
+    report(f"model ready in {time.perf_counter() - start:.1f} s")
     return lm, mimi, tokenizer
 
 
