@@ -10,6 +10,31 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
+def matmul_weight(module: nn.Module, axes: tuple[int, ...]) -> mx.array:
+    """``module.weight.transpose(axes)``, row-contiguous.
+
+    MLX's CPU matmul runs 2-3x faster when its right operand is row-contiguous than when it is
+    a transposed view (measured here on Mimi's float32 shapes). So the first call re-stores the
+    weight in that order: same logical shape and values, a view over the new buffer; no copy
+    is kept. Loading new weights replaces the array, and the next call re-stores it again.
+    """
+    w = module.weight
+    if getattr(module, "_stored_for", None) is not w:
+        inverse = tuple(sorted(range(len(axes)), key=axes.__getitem__))
+        w = mx.contiguous(w.transpose(axes)).transpose(inverse)
+        module.weight = w
+        object.__setattr__(module, "_stored_for", w)  # a plain attribute, not a parameter
+    return w.transpose(axes)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose weight is stored for a fast ``x @ weight.T`` (see ``matmul_weight``)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = x @ matmul_weight(self, (1, 0))
+        return y + self.bias if "bias" in self else y
+
+
 class Conv1d(nn.Module):
     """Causal conv: all ``(k - 1) * dilation + 1 - stride`` padding on the left.
 
@@ -43,16 +68,17 @@ class Conv1d(nn.Module):
         (MLX's CPU convolutions are several times slower than its matmul)."""
         out_ch, k, in_ch = self.weight.shape
         B, T, _ = x.shape
-        w = self.weight.reshape(out_ch, k * in_ch)  # rows hold (tap, channel) pairs
         s, d = self.stride, self.dilation
+        if s == 1 or (k == 2 * s and d == 1):
+            w = matmul_weight(self, (1, 2, 0)).reshape(k * in_ch, out_ch)  # (tap, channel) rows
         if s == 1:
             n = T - (k - 1) * d
             cols = x if k == 1 else mx.concatenate([x[:, i * d : i * d + n] for i in range(k)], -1)
-            y = cols @ w.T
+            y = cols @ w
         elif k == 2 * s and d == 1:
             # Output t reads input frames t and t + 1 of `s` samples each.
             frames = x.reshape(B, T // s, s * in_ch)
-            y = mx.concatenate([frames[:, :-1], frames[:, 1:]], axis=-1) @ w.T
+            y = mx.concatenate([frames[:, :-1], frames[:, 1:]], axis=-1) @ w
         else:
             y = mx.conv1d(x, self.weight, stride=s, dilation=d)
         return y + self.bias if "bias" in self else y
@@ -117,8 +143,8 @@ class ConvTranspose1d(nn.Module):
             # Each input frame spreads over 2 * s outputs: a matrix product (or, depthwise, a
             # broadcast product), then the halves of neighbouring frames overlap-add.
             if self.groups == 1:
-                taps = (x @ self.weight.reshape(out_ch * k, in_ch).T).reshape(B, T, out_ch, k)
-                taps = taps.transpose(0, 1, 3, 2)
+                w = matmul_weight(self, (2, 1, 0)).reshape(in_ch, k * out_ch)
+                taps = (x @ w).reshape(B, T, k, out_ch)
             else:
                 taps = x[:, :, None, :] * self.weight[:, :, 0].T
             zero = mx.zeros((B, 1, s, out_ch), taps.dtype)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from .conv import Linear
+
 
 class Codebook(nn.Module):
     """One RVQ level, stored like the checkpoint: running sums and usage counts."""
@@ -40,8 +42,8 @@ class Codebook(nn.Module):
 class ResidualVectorQuantizer(nn.Module):
     def __init__(self, input_dim: int, codebook_dim: int, n_q: int, bins: int):
         super().__init__()
-        self.input_proj = nn.Linear(input_dim, codebook_dim, bias=False)
-        self.output_proj = nn.Linear(codebook_dim, input_dim, bias=False)
+        self.input_proj = Linear(input_dim, codebook_dim, bias=False)
+        self.output_proj = Linear(codebook_dim, input_dim, bias=False)
         self.codebooks = [Codebook(bins, codebook_dim) for _ in range(n_q)]
 
     def encode(self, x: mx.array, n_q: int) -> mx.array:

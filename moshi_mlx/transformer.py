@@ -9,6 +9,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import ConcatenateKVCache
 
+from .conv import Linear
+
 
 @dataclass
 class TransformerConfig:
@@ -53,8 +55,8 @@ class MimiAttention(nn.Module):
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.d_model // cfg.num_heads
         self.max_period = cfg.max_period
-        self.in_proj = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.in_proj = Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.out_proj = Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def __call__(self, x: mx.array, mask: mx.array, offset: int, cache=None) -> mx.array:
         B, T, _ = x.shape
@@ -78,8 +80,8 @@ class MimiTransformerLayer(nn.Module):
         self.norm1 = nn.LayerNorm(cfg.d_model, eps=1e-5)
         self.self_attn = MimiAttention(cfg)
         self.norm2 = nn.LayerNorm(cfg.d_model, eps=1e-5)
-        self.linear1 = nn.Linear(cfg.d_model, cfg.dim_feedforward, bias=False)
-        self.linear2 = nn.Linear(cfg.dim_feedforward, cfg.d_model, bias=False)
+        self.linear1 = Linear(cfg.d_model, cfg.dim_feedforward, bias=False)
+        self.linear2 = Linear(cfg.dim_feedforward, cfg.d_model, bias=False)
         self.layer_scale_1 = mx.ones((cfg.d_model,))
         self.layer_scale_2 = mx.ones((cfg.d_model,))
 
