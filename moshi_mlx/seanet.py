@@ -90,18 +90,8 @@ class DecoderBlock(nn.Module):
         return x
 
 
-class SeanetEncoder(nn.Module):
-    """Waveform ``[B, T, channels]`` -> latent ``[B, T / hop_length, dimension]``."""
-
-    def __init__(self, cfg: SeanetConfig):
-        super().__init__()
-        dim = cfg.n_filters
-        self.conv_in = Conv1d(cfg.channels, dim, cfg.kernel_size)
-        self.blocks = []
-        for ratio in reversed(cfg.ratios):
-            self.blocks.append(EncoderBlock(cfg, dim, ratio))
-            dim *= 2
-        self.conv_out = Conv1d(dim, cfg.dimension, cfg.last_kernel_size)
+class _ConvStack(nn.Module):
+    """``conv_out(elu(blocks(conv_in(x))))``, in batch or streaming mode."""
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.conv_in(x)
@@ -116,7 +106,21 @@ class SeanetEncoder(nn.Module):
         return self.conv_out.step(nn.elu(x))
 
 
-class SeanetDecoder(nn.Module):
+class SeanetEncoder(_ConvStack):
+    """Waveform ``[B, T, channels]`` -> latent ``[B, T / hop_length, dimension]``."""
+
+    def __init__(self, cfg: SeanetConfig):
+        super().__init__()
+        dim = cfg.n_filters
+        self.conv_in = Conv1d(cfg.channels, dim, cfg.kernel_size)
+        self.blocks = []
+        for ratio in reversed(cfg.ratios):
+            self.blocks.append(EncoderBlock(cfg, dim, ratio))
+            dim *= 2
+        self.conv_out = Conv1d(dim, cfg.dimension, cfg.last_kernel_size)
+
+
+class SeanetDecoder(_ConvStack):
     """Latent ``[B, T, dimension]`` -> waveform ``[B, T * hop_length, channels]``.
 
     No final activation (no tanh)."""
@@ -130,15 +134,3 @@ class SeanetDecoder(nn.Module):
             self.blocks.append(DecoderBlock(cfg, dim, ratio))
             dim //= 2
         self.conv_out = Conv1d(dim, cfg.channels, cfg.last_kernel_size)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        x = self.conv_in(x)
-        for b in self.blocks:
-            x = b(x)
-        return self.conv_out(nn.elu(x))
-
-    def step(self, x: mx.array) -> mx.array:
-        x = self.conv_in.step(x)
-        for b in self.blocks:
-            x = b.step(x)
-        return self.conv_out.step(nn.elu(x))
