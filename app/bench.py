@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import os
 import platform
@@ -372,28 +371,13 @@ def _quantization(lm) -> dict | None:
 def make_gen(lm, sampler: str, seed: int):
     """``LmGen`` with the reference's sampler: temperature 0.8 for text and audio, top-p 0.95
     (upstream ``Sampler()``), or top-k 25 / 250, or greedy."""
-    from mlx_lm.sample_utils import make_sampler
-
     from moshi_mlx import LmGen
 
     temp = 0.0 if sampler == "greedy" else 0.8
-    params = inspect.signature(LmGen).parameters
-    kwargs = dict(temp=temp, temp_text=temp, top_k=250, top_k_text=25, seed=seed)
-    if sampler == "top-p" and "top_p" in params:
-        kwargs.update(top_p=0.95, top_k=0, top_k_text=0)
-        if "top_p_text" in params:
-            kwargs["top_p_text"] = 0.95
-    gen = LmGen(lm, **{k: v for k, v in kwargs.items() if k in params})
-    if sampler == "top-p" and "top_p" not in params:
-        # LmGen has no top-p yet: give it mlx-lm's, on normalized log-probabilities as it expects
-        # (upstream's Sampler computes the same logsumexp).
-        top_p = make_sampler(temp=temp, top_p=0.95)
-
-        def sample(logits: mx.array) -> mx.array:
-            return top_p(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-
-        gen.text_sampler = gen.audio_sampler = sample
-    return gen
+    if sampler == "top-p":
+        return LmGen(lm, temp=temp, temp_text=temp, top_k=0, top_k_text=0, seed=seed,
+                     top_p=0.95, top_p_text=0.95)  # fmt: skip
+    return LmGen(lm, temp=temp, temp_text=temp, top_k=250, top_k_text=25, seed=seed)
 
 
 # The callable through which LmGen.step runs the depth transformer, first match wins: the
@@ -527,11 +511,10 @@ def run_passes(models: dict, args, progress) -> dict[str, Pass]:
     user_codes = [mx.array(rng.integers(0, cfg.card, size=(1, n_user)), mx.int32)
                   for _ in range(total)]  # fmt: skip
     session = DuplexSession(lm, mimi, gen) if mimi is not None else None
-    # Codes are valid by construction: skip LmGen's host-side check, as the reference does.
-    unchecked = "check" in inspect.signature(gen.step).parameters
 
+    # Codes are valid by construction: skip LmGen's host-side check, as the reference does.
     def lm_step(codes):
-        return gen.step(codes, check=False) if unchecked else gen.step(codes)
+        return gen.step(codes, check=False)
 
     pcms = [(0.1 * rng.standard_normal(1920)).astype(np.float32) for _ in range(total)]
 

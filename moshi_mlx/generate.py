@@ -8,9 +8,21 @@ from mlx_lm.sample_utils import make_sampler
 from .lm import Lm
 
 
-def _sampler(temp: float, top_k: int, vocab: int):
-    # top-k at least the vocabulary is plain sampling; mlx-lm refuses it as a top-k.
-    return make_sampler(temp=temp, top_k=top_k if 0 < top_k < vocab else 0)
+def _sampler(temp: float, top_k: int, top_p: float, vocab: int):
+    """Sampling as upstream: the distribution is ``softmax(logits / temp)``, restricted to its
+    ``top_k`` most likely tokens, or to the smallest set holding ``top_p`` of the probability,
+    when those are set. Temperature 0 is argmax. Built on mlx-lm's samplers."""
+    if temp == 0:
+        return make_sampler(temp=0.0)
+    # mlx-lm filters log-probabilities before its own temperature: give it tempered ones.
+    # A top-k of at least the vocabulary is plain sampling (mlx-lm refuses it as a top-k).
+    filtered = make_sampler(temp=1.0, top_k=top_k if 0 < top_k < vocab else 0, top_p=top_p)
+
+    def sample(logits: mx.array) -> mx.array:
+        logits = logits / temp
+        return filtered(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+
+    return sample
 
 
 class LmGen:
@@ -20,8 +32,9 @@ class LmGen:
     Moshi's audio codes of one frame, undelayed) or ``None`` while the delays fill (the first
     ``max_delay`` calls). User codes passed at step ``t`` are read at step ``t + delay`` (those
     of step 0 never reach the model), exactly as upstream's PyTorch ``LMGen``. Temperature 0
-    means greedy. The temporal KV cache is a rolling window of ``context`` steps, so a
-    conversation can go on forever in bounded memory.
+    means greedy; ``top_p`` / ``top_p_text`` (0 = off) give upstream MLX's nucleus sampling.
+    The temporal KV cache is a rolling window of ``context`` steps, so a conversation can go on
+    forever in bounded memory.
     """
 
     def __init__(
@@ -32,12 +45,15 @@ class LmGen:
         top_k: int = 250,
         top_k_text: int = 25,
         seed: int | None = None,
+        *,
+        top_p: float = 0.0,
+        top_p_text: float = 0.0,
     ):
         self.lm = lm
         cfg = lm.cfg
         self.cfg = cfg
-        self.text_sampler = _sampler(temp_text, top_k_text, cfg.text_card)
-        self.audio_sampler = _sampler(temp, top_k, cfg.card)
+        self.text_sampler = _sampler(temp_text, top_k_text, top_p_text, cfg.text_card)
+        self.audio_sampler = _sampler(temp, top_k, top_p, cfg.card)
         if seed is not None:
             mx.random.seed(seed)
         # One compiled graph for the 8 sequential depformer passes and their sampling.

@@ -213,3 +213,18 @@ def test_config_missing_fields_is_refused(lm_config):
         LmConfig.from_dict(broken)
     with pytest.raises(ValueError, match="delays has 3 entries"):
         LmConfig.from_dict({**lm_config, "delays": [0, 0, 1]})
+
+
+def test_sampling_filters_follow_upstream_semantics():
+    from moshi_mlx.generate import _sampler
+
+    logits = mx.array([[0.0, 3.0, 2.9, -1.0]])
+    mx.random.seed(0)
+    # A nucleus or a top-k of one token leaves only the argmax, whatever the temperature.
+    for sample in (_sampler(5.0, 0, 1e-6, 4), _sampler(5.0, 1, 0.0, 4), _sampler(0.0, 0, 0.0, 4)):
+        assert [sample(logits).item() for _ in range(20)] == [1] * 20
+    # top-p is taken on softmax(logits / temp): at temp 0.1 token 1 alone holds > 0.7 of the
+    # mass; at temp 10 the two best tokens are needed.
+    cold, hot = _sampler(0.1, 0, 0.7, 4), _sampler(10.0, 0, 0.55, 4)
+    assert {cold(logits).item() for _ in range(50)} == {1}
+    assert {hot(logits).item() for _ in range(200)} == {1, 2}
