@@ -35,14 +35,14 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from moshi_mlx.app.cli import UserError
+from moshi_mlx.loading import DTYPES
+from moshi_mlx.weights import DEFAULT_GROUP_SIZE
 
 HELP = "time the frame step (Mimi, temporal and depth transformers) on a model or random weights"
 
 FRAME_MS = 80.0
 PRESETS = {"moshiko-7b": "moshi_7b", "moshika-7b": "moshi_7b", "moshi-2b": "moshi_2b"}
-DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 SHORT_DTYPE = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
-DEFAULT_GROUP_SIZE = {4: 32, 8: 64}  # upstream's choices (moshi_mlx.local / run_inference)
 SAMPLERS = ("top-p", "top-k", "greedy")
 REF_SAMPLER = {"top-p": "default", "top-k": "topk", "greedy": "greedy"}
 SCALE_FLAGS = (

@@ -12,9 +12,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from moshi_mlx.weights import DEFAULT_GROUP_SIZE
+
 DEFAULT_MODEL = "kyutai/moshiko-mlx-q4"
 QUANTIZED_REPOS = {4: "kyutai/moshiko-mlx-q4", 8: "kyutai/moshiko-mlx-q8"}
-DEFAULT_GROUP_SIZE = {4: 32, 8: 64}  # Kyutai's choices for its q4 and q8 repos
 DTYPE_CHOICES = ("bfloat16", "float16", "float32")
 
 

@@ -43,6 +43,7 @@ from moshi_mlx.loading import (
 )
 from moshi_mlx.mimi import Mimi
 from moshi_mlx.weights import (
+    DEFAULT_GROUP_SIZE,
     CheckpointError,
     checkpoint_kind,
     load_into,
@@ -57,8 +58,6 @@ from .streaming import plan_shards, shard_names, write_safetensors
 
 MIMI_FILE = "mimi.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-# Kyutai's convention (and what their q4 / q8 repos use).
-DEFAULT_GROUP_SIZE = {4: 32, 8: 64}
 Progress = Callable[[str, int, int], None]  # (tensor name, bytes done, bytes in total)
 
 

@@ -293,6 +293,8 @@ def checkpoint_kind(keys) -> str | None:
 # ---- quantizing ------------------------------------------------------------------------------
 
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
+# Group size per bit width of Kyutai's q4 / q8 files, our defaults too.
+DEFAULT_GROUP_SIZE = {4: 32, 8: 64}
 QUANT_GROUP_SIZES = (32, 64, 128)
 
 

@@ -13,11 +13,11 @@ import mlx.core as mx
 import pytest
 from conftest import LM_DIR, MIMI_DIR, UPSTREAM_MLX_DIR
 from mlx.utils import tree_flatten
+
+import moshi_mlx
 from moshi_mlx.app.cli import main as cli_main
 from moshi_mlx.convert.convert import convert
 from moshi_mlx.convert.measure import quantized_copy
-
-import moshi_mlx
 from moshi_mlx.lm import LmConfig
 from moshi_mlx.weights import lm_rules, read_safetensors, sanitize
 

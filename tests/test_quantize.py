@@ -7,9 +7,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from conftest import LM_DIR, UPSTREAM_MLX_DIR
-from moshi_mlx.convert.measure import logit_error, quantized_copy, random_codes
 
 import moshi_mlx
+from moshi_mlx.convert.measure import logit_error, quantized_copy, random_codes
 from moshi_mlx.layers import QuantizedMultiLinear, QuantizedZeroEmbedding
 from moshi_mlx.weights import indivisible_layers, quantize_lm
 
