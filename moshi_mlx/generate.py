@@ -34,7 +34,8 @@ class LmGen:
     of step 0 never reach the model), exactly as upstream's PyTorch ``LMGen``. Temperature 0
     means greedy; ``top_p`` / ``top_p_text`` (0 = off) give upstream MLX's nucleus sampling.
     The temporal KV cache is a rolling window of ``context`` steps, so a conversation can go on
-    forever in bounded memory.
+    forever in bounded memory. After each step, ``last_input``, ``last_text_logits`` and
+    ``last_audio_logits`` hold the tokens the model read and the logits it sampled from.
     """
 
     def __init__(
