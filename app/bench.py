@@ -36,7 +36,7 @@ from mlx.utils import tree_flatten
 
 from moshi_mlx.app.cli import UserError
 from moshi_mlx.loading import DTYPES
-from moshi_mlx.weights import DEFAULT_GROUP_SIZE
+from moshi_mlx.weights import DEFAULT_GROUP_SIZE, quantization_of
 
 HELP = "time the frame step (Mimi, temporal and depth transformers) on a model or random weights"
 
@@ -284,10 +284,6 @@ def build_random_lm(cfg, dtype: mx.Dtype, bits: int | None, group_size: int | No
     return lm
 
 
-def _is_quantized(lm) -> bool:
-    return any("scales" in leaf for _, leaf in _leaves(lm))
-
-
 def build_random_mimi(cfg):
     """Random Mimi of ``cfg`` with usable codebooks (a fresh one has all-zero centroids)."""
     from moshi_mlx import Mimi
@@ -328,7 +324,7 @@ def build_models(args, progress) -> dict:
         info["model"] = args.hf_path
         if not args.no_lm:
             lm = load_lm(files.lm_weights, files.lm_config, dtype=as_dtype(args.dtype))
-            if bits and _is_quantized(lm):
+            if bits and quantization_of(lm) is not None:
                 raise UserError("this model is already quantized; -q applies to float models")
             if bits:
                 quantize(lm, bits, group_size)
@@ -353,16 +349,8 @@ def build_models(args, progress) -> dict:
     if mimi is not None:
         mx.eval(mimi.parameters())
     if lm is not None:
-        info["quant"] = _quantization(lm)
+        info["quant"] = quantization_of(lm)
     return {"lm": lm, "mimi": mimi, "info": info}
-
-
-def _quantization(lm) -> dict | None:
-    """``{bits, group_size}`` of the LM's (first) quantized layer, None if it is float."""
-    for _, leaf in _leaves(lm):
-        if "scales" in leaf:
-            return {"bits": leaf.bits, "group_size": leaf.group_size}
-    return None
 
 
 # -- generation set-up -----------------------------------------------------------------------

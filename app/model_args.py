@@ -130,13 +130,12 @@ def load_model(args: argparse.Namespace, report: Callable[[str], None] = print):
 
 def _quantize(lm, args: argparse.Namespace, report: Callable[[str], None]) -> None:
     import mlx.core as mx
-    import mlx.nn as nn
 
-    from moshi_mlx.weights import quantize_lm
+    from moshi_mlx.weights import quantization_of, quantize_lm
 
     from .cli import UserError
 
-    if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for m in lm.modules()):
+    if quantization_of(lm) is not None:
         report("the model is already quantized; -q has nothing to do")
         return
     group_size = args.q_group_size or DEFAULT_GROUP_SIZE[args.q_bits]

@@ -308,6 +308,14 @@ def quantizable(path: str, module: nn.Module) -> bool:
     )
 
 
+def quantization_of(model: nn.Module) -> dict | None:
+    """``{bits, group_size}`` of the model's first quantized layer, None if it is all float."""
+    for _, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+        if "scales" in m:
+            return {"bits": m.bits, "group_size": m.group_size}
+    return None
+
+
 def indivisible_layers(model: nn.Module, group_size: int) -> dict[str, int]:
     """Quantizable layers whose input width (last weight axis) ``group_size`` does not divide,
     with that width."""
