@@ -10,32 +10,52 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-def matmul_weight(module: nn.Module, axes: tuple[int, ...]) -> mx.array:
-    """``module.weight.transpose(axes)``, row-contiguous.
-
-    MLX's CPU matmul runs 2-3x faster when its right operand is row-contiguous than when it is
-    a transposed view (measured here on Mimi's float32 shapes). So the first call re-stores the
-    weight in that order: same logical shape and values, a view over the new buffer; no copy
-    is kept. Loading new weights replaces the array, and the next call re-stores it again.
-    """
-    w = module.weight
-    if getattr(module, "_stored_for", None) is not w:
-        inverse = tuple(sorted(range(len(axes)), key=axes.__getitem__))
-        w = mx.contiguous(w.transpose(axes)).transpose(inverse)
-        module.weight = w
-        object.__setattr__(module, "_stored_for", w)  # a plain attribute, not a parameter
-    return w.transpose(axes)
+def stored_for_matmul(w: mx.array, axes: tuple[int, ...]) -> mx.array:
+    """``w`` with the same shape and values, its memory laid out as ``w.transpose(axes)``
+    row-contiguous: MLX's CPU matmul runs 2-3x faster on such a right operand than on a
+    transposed view (measured on Mimi's float32 shapes)."""
+    inverse = tuple(sorted(range(len(axes)), key=axes.__getitem__))
+    return mx.contiguous(w.transpose(axes)).transpose(inverse)
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` whose weight is stored for a fast ``x @ weight.T`` (see ``matmul_weight``)."""
+class MatmulChoice:
+    """A layer that computes either with MLX's own kernel or as one matrix product over
+    re-laid-out weights. ``use_matmul`` picks, once, when a model is placed on a device
+    (``place``): the matrix product is what is fast on MLX's CPU backend."""
+
+    matmul = False
+    MATMUL_AXES: tuple[int, ...] = ()
+
+    def use_matmul(self, enable: bool) -> None:
+        self.matmul = enable and self.matmul_applies()
+        if self.matmul:
+            self.weight = stored_for_matmul(self.weight, self.MATMUL_AXES)
+
+    def matmul_applies(self) -> bool:
+        return True
+
+
+def place(model: nn.Module, device: mx.Device) -> None:
+    """Choose every layer's kernel for ``device``: matrix products on the CPU, MLX's own
+    convolutions elsewhere (the GPU)."""
+    for _, m in model.named_modules():
+        if isinstance(m, MatmulChoice):
+            m.use_matmul(device.type == mx.cpu)
+
+
+class Linear(MatmulChoice, nn.Linear):
+    """``nn.Linear`` that can keep its weight laid out for a fast ``x @ weight.T``."""
+
+    MATMUL_AXES = (1, 0)
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = x @ matmul_weight(self, (1, 0))
+        if not self.matmul:
+            return super().__call__(x)
+        y = x @ self.weight.T
         return y + self.bias if "bias" in self else y
 
 
-class Conv1d(nn.Module):
+class Conv1d(MatmulChoice, nn.Module):
     """Causal conv: all ``(k - 1) * dilation + 1 - stride`` padding on the left.
 
     ``__call__`` runs on a whole signal whose length is a multiple of ``stride``; ``step`` runs on
@@ -63,24 +83,28 @@ class Conv1d(nn.Module):
         self.padding = (kernel_size - 1) * dilation + 1 - stride
         self._previous: mx.array | None = None
 
+    MATMUL_AXES = (1, 2, 0)  # rows (tap, input channel), columns output channel
+
+    def matmul_applies(self) -> bool:
+        k = self.weight.shape[1]
+        return self.stride == 1 or (k == 2 * self.stride and self.dilation == 1)
+
     def _conv(self, x: mx.array) -> mx.array:
-        """Valid convolution of an already padded input, as one matrix product where possible
-        (MLX's CPU convolutions are several times slower than its matmul)."""
+        """Valid convolution of an already padded input."""
+        if not self.matmul:
+            y = mx.conv1d(x, self.weight, stride=self.stride, dilation=self.dilation)
+            return y + self.bias if "bias" in self else y
         out_ch, k, in_ch = self.weight.shape
         B, T, _ = x.shape
         s, d = self.stride, self.dilation
-        if s == 1 or (k == 2 * s and d == 1):
-            w = matmul_weight(self, (1, 2, 0)).reshape(k * in_ch, out_ch)  # (tap, channel) rows
-        if s == 1:
+        w = self.weight.transpose(self.MATMUL_AXES).reshape(k * in_ch, out_ch)
+        if s == 1:  # im2col: k shifted copies side by side
             n = T - (k - 1) * d
             cols = x if k == 1 else mx.concatenate([x[:, i * d : i * d + n] for i in range(k)], -1)
-            y = cols @ w
-        elif k == 2 * s and d == 1:
-            # Output t reads input frames t and t + 1 of `s` samples each.
+        else:  # kernel 2 * stride: output t reads input frames t and t + 1 of `s` samples each
             frames = x.reshape(B, T // s, s * in_ch)
-            y = mx.concatenate([frames[:, :-1], frames[:, 1:]], axis=-1) @ w
-        else:
-            y = mx.conv1d(x, self.weight, stride=s, dilation=d)
+            cols = mx.concatenate([frames[:, :-1], frames[:, 1:]], axis=-1)
+        y = cols @ w
         return y + self.bias if "bias" in self else y
 
     def _left_context(self, x: mx.array) -> mx.array:
@@ -106,7 +130,7 @@ class Conv1d(nn.Module):
         self._previous = None
 
 
-class ConvTranspose1d(nn.Module):
+class ConvTranspose1d(MatmulChoice, nn.Module):
     """Transposed conv whose ``kernel - stride`` overlapping outputs are trimmed on the right.
 
     In streaming, that overlap (without the bias) is kept and added to the next chunk's first
@@ -132,25 +156,30 @@ class ConvTranspose1d(nn.Module):
         self.overlap = kernel_size - stride
         self._partial: mx.array | None = None
 
+    MATMUL_AXES = (2, 1, 0)  # rows input channel, columns (tap, output channel)
+
+    def matmul_applies(self) -> bool:
+        return self.weight.shape[1] == 2 * self.stride
+
     def _full(self, x: mx.array) -> mx.array:
         """All ``(T - 1) * stride + kernel`` outputs, bias included."""
+        if not self.matmul:
+            y = mx.conv_transpose1d(x, self.weight, stride=self.stride, groups=self.groups)
+            return y + self.bias if "bias" in self else y
         out_ch, k, _ = self.weight.shape
         B, T, in_ch = x.shape
         s = self.stride
-        if k != 2 * s:
-            y = mx.conv_transpose1d(x, self.weight, stride=s, groups=self.groups)
+        # Each input frame spreads over 2 * s outputs: a matrix product (or, depthwise, a
+        # broadcast product), then the halves of neighbouring frames overlap-add.
+        if self.groups == 1:
+            w = self.weight.transpose(self.MATMUL_AXES).reshape(in_ch, k * out_ch)
+            taps = (x @ w).reshape(B, T, k, out_ch)
         else:
-            # Each input frame spreads over 2 * s outputs: a matrix product (or, depthwise, a
-            # broadcast product), then the halves of neighbouring frames overlap-add.
-            if self.groups == 1:
-                w = matmul_weight(self, (2, 1, 0)).reshape(in_ch, k * out_ch)
-                taps = (x @ w).reshape(B, T, k, out_ch)
-            else:
-                taps = x[:, :, None, :] * self.weight[:, :, 0].T
-            zero = mx.zeros((B, 1, s, out_ch), taps.dtype)
-            first = mx.concatenate([taps[:, :, :s], zero], axis=1)
-            second = mx.concatenate([zero, taps[:, :, s:]], axis=1)
-            y = (first + second).reshape(B, (T + 1) * s, out_ch)
+            taps = x[:, :, None, :] * self.weight[:, :, 0].T
+        zero = mx.zeros((B, 1, s, out_ch), taps.dtype)
+        first = mx.concatenate([taps[:, :, :s], zero], axis=1)
+        second = mx.concatenate([zero, taps[:, :, s:]], axis=1)
+        y = (first + second).reshape(B, (T + 1) * s, out_ch)
         return y + self.bias if "bias" in self else y
 
     def __call__(self, x: mx.array) -> mx.array:

@@ -11,11 +11,13 @@ import os
 import re
 from pathlib import Path
 
+from .errors import MoshiError
+
 # ``owner/name``: what the Hub accepts as a model repo id (no leading ./, / or ~).
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-class HubError(ValueError):
+class HubError(MoshiError):
     """A repo id that cannot be turned into a local folder; the message is one line."""
 
 

@@ -9,6 +9,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import ConcatenateKVCache, RotatingKVCache
 
+from .attention import attention_mask, self_attention
+from .errors import MoshiError
 from .layers import MultiLinear, ZeroEmbedding
 
 _REQUIRED = (
@@ -49,7 +51,7 @@ class LmConfig:
         """Read an upstream config dict; unknown keys are ignored, missing required ones named."""
         missing = [k for k in _REQUIRED if k not in d]
         if missing:
-            raise ValueError(f"LM config is missing required field(s): {', '.join(missing)}")
+            raise MoshiError(f"LM config is missing required field(s): {', '.join(missing)}")
         for key, expected in (
             ("gating", "silu"),
             ("depformer_gating", "silu"),
@@ -57,13 +59,13 @@ class LmConfig:
             ("depformer_pos_emb", "none"),
         ):
             if d.get(key, expected) != expected:
-                raise ValueError(
+                raise MoshiError(
                     f"LM config: {key}={d[key]!r} is not supported (only {expected!r})"
                 )
         if d.get("norm", "rms_norm_f32") not in ("rms_norm_f32", "real_rms_norm_f32"):
-            raise ValueError(f"LM config: norm={d['norm']!r} is not supported (only rms_norm_f32)")
+            raise MoshiError(f"LM config: norm={d['norm']!r} is not supported (only rms_norm_f32)")
         if d.get("conditioners") or d.get("cross_attention"):
-            raise ValueError("LM config: conditioned / cross-attention models are not supported")
+            raise MoshiError("LM config: conditioned / cross-attention models are not supported")
         names = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in names})
         cfg.validate()
@@ -71,17 +73,17 @@ class LmConfig:
 
     def validate(self) -> None:
         if len(self.delays) != self.n_q + 1:
-            raise ValueError(
+            raise MoshiError(
                 f"LM config: delays has {len(self.delays)} entries, "
                 f"expected n_q + 1 = {self.n_q + 1}"
             )
         if self.dim % self.num_heads or self.depformer_dim % self.depformer_num_heads:
-            raise ValueError(
+            raise MoshiError(
                 "LM config: dim must be a multiple of num_heads (and for the depformer)"
             )
         sched = self.depformer_weights_per_step_schedule
         if sched is not None and len(sched) != self.dep_q:
-            raise ValueError(
+            raise MoshiError(
                 f"LM config: depformer_weights_per_step_schedule needs {self.dep_q} entries"
             )
 
@@ -130,6 +132,16 @@ class LmConfig:
     def max_delay(self) -> int:
         return max(self.delays)
 
+    @property
+    def n_user(self) -> int:
+        """Codebooks of the user's audio stream (Moshi's own are ``dep_q``)."""
+        return self.n_q - self.dep_q
+
+    @property
+    def mimi_codebooks(self) -> int:
+        """Mimi codebooks the model needs: enough to encode the user and decode Moshi."""
+        return max(self.dep_q, self.n_user)
+
 
 def _gated_hidden(dim_feedforward: int, dim: int) -> int:
     # PyTorch ActivationGating: a 4x FFN becomes 21/8 x, otherwise 2/3 of dim_feedforward.
@@ -151,25 +163,16 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, max_period: float):
         super().__init__()
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
         self.max_period = max_period
         self.in_proj = nn.Linear(dim, 3 * dim, bias=False)
         self.out_proj = nn.Linear(dim, dim, bias=False)
 
     def __call__(self, x: mx.array, mask, cache=None) -> mx.array:
-        B, T, _ = x.shape
         offset = cache.offset if cache is not None else 0
-        qkv = (
-            self.in_proj(x).reshape(B, T, 3, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
+        out = self_attention(
+            self.in_proj(x), self.num_heads, mask, cache, rope_base=self.max_period, offset=offset
         )
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        rope = dict(traditional=True, base=self.max_period, scale=1.0, offset=offset)
-        q = mx.fast.rope(q, self.head_dim, **rope)
-        k = mx.fast.rope(k, self.head_dim, **rope)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+        return self.out_proj(out)
 
 
 class TransformerLayer(nn.Module):
@@ -207,17 +210,10 @@ class DepformerLayer(nn.Module):
     def __call__(self, x: mx.array, sets: list[int], cache) -> mx.array:
         """``x`` ``[N, S, dim]``: position ``s`` uses weight set ``sets[s]``; causal over ``S``."""
         h = self.norm1(x)
-        B, S, D = h.shape
-        H, Dh = self.num_heads, D // self.num_heads
         qkv = mx.concatenate(
             [self.self_attn.in_proj(h[:, s : s + 1], w) for s, w in enumerate(sets)], axis=1
         )
-        qkv = qkv.reshape(B, S, 3, H, Dh).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        k, v = cache.update_and_fetch(k, v)
-        mask = "causal" if S > 1 else None
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=Dh**-0.5, mask=mask)
-        out = out.transpose(0, 2, 1, 3).reshape(B, S, D)
+        out = self_attention(qkv, self.num_heads, attention_mask(x, cache), cache)
         x = x + mx.concatenate(
             [self.self_attn.out_proj(out[:, s : s + 1], w) for s, w in enumerate(sets)], axis=1
         )
@@ -274,14 +270,10 @@ class Lm(nn.Module):
         return x + self.text_emb(tokens[:, 0])
 
     def temporal(self, x: mx.array, cache: list | None = None) -> tuple[mx.array, mx.array]:
-        """Summed embeddings -> (normed hidden state ``z``, text logits)."""
-        T = x.shape[1]
-        if cache is None:
-            pos = mx.arange(T)
-            delta = pos[:, None] - pos[None, :]
-            mask = (delta >= 0) & (delta < self.cfg.context)
-        else:
-            mask = None  # one step at a time: the rotating cache holds exactly the window
+        """Summed embeddings ``[B, T, dim]`` -> (normed hidden state ``z``, text logits), causal
+        over a window of ``context`` steps. With ``cache`` (``make_cache``), ``x`` continues
+        the cached steps: one step or a prefill of many give the same result."""
+        mask = attention_mask(x, cache[0] if cache else None, window=self.cfg.context)
         for i, layer in enumerate(self.transformer.layers):
             x = layer(x, mask, cache[i] if cache is not None else None)
         z = self.out_norm(x)
@@ -323,7 +315,7 @@ class Lm(nn.Module):
         cfg = self.cfg
         codes = mx.array(codes).astype(mx.int32)
         if codes.ndim != 3 or codes.shape[1] != cfg.n_q + 1:
-            raise ValueError(f"codes must be [batch, {cfg.n_q + 1}, time], got {list(codes.shape)}")
+            raise MoshiError(f"codes must be [batch, {cfg.n_q + 1}, time], got {list(codes.shape)}")
         B, S, T = codes.shape
         delayed = self.delay(codes)
         initial = self.initial_tokens()[None, :, None]

@@ -1,62 +1,89 @@
-"""Loading Mimi and the LM from weight files, and whole model folders with ``load``."""
+"""Loading Mimi and the LM from weight files, and whole model folders with ``load``.
+
+Error messages name the API's arguments in backticks (`moshi_weights`); the command line shows
+its flags in their place.
+"""
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import mlx.core as mx
+import mlx.nn as nn
 
+from .errors import MoshiError
 from .lm import Lm, LmConfig
 from .mimi import Mimi, MimiConfig
+from .quantize import Quantization, quantize_like, quantize_lm
 from .weights import (
     CheckpointError,
     checkpoint_kind,
+    leaf_modules,
     lm_rules,
     load_into,
     mimi_rules,
-    quantize_like,
     read_safetensors,
     sanitize,
 )
 
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+PARTS = ("lm", "mimi", "tokenizer")
 
-def _config_dict(config: str | Path | dict | None, what: str) -> dict | None:
-    if config is None or isinstance(config, dict):
-        return config
-    path = Path(config)
-    if not path.is_file():
-        raise CheckpointError(f"{what} config not found: {path}")
+
+def read_json(path: str | Path, what: str) -> dict:
+    """A JSON file holding an object, or a one-line ``CheckpointError`` naming ``what``."""
+    path = Path(path)
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{what} config {path} is not valid JSON: {e}") from None
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        detail = " ".join(str(e).split())
+        raise CheckpointError(f"cannot read {what} {path}: {detail}") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{what} {path} must hold a JSON object")
+    return d
 
 
-def mimi_config(config: str | Path | dict | MimiConfig | None) -> MimiConfig:
+def as_mimi_config(config: str | Path | dict | MimiConfig | None) -> MimiConfig:
+    """A ``MimiConfig`` from a JSON path, an upstream dict, or None (the released codec)."""
     if isinstance(config, MimiConfig):
         return config
-    d = _config_dict(config, "Mimi")
-    return MimiConfig() if d is None else MimiConfig.from_dict(d)
+    if config is None:
+        return MimiConfig()
+    return MimiConfig.from_dict(
+        config if isinstance(config, dict) else read_json(config, "Mimi config")
+    )
 
 
-def lm_config(config: str | Path | dict | LmConfig | None) -> LmConfig:
+def as_lm_config(config: str | Path | dict | LmConfig | None) -> LmConfig:
+    """An ``LmConfig`` from a JSON path, an upstream dict, or None (Moshi 7B)."""
     if isinstance(config, LmConfig):
         return config
-    d = _config_dict(config, "LM")
-    return LmConfig.moshi_7b() if d is None else LmConfig.from_dict(d)
+    if config is None:
+        return LmConfig.moshi_7b()
+    return LmConfig.from_dict(
+        config if isinstance(config, dict) else read_json(config, "LM config")
+    )
 
 
-def load_mimi(weights: str | Path, config: str | Path | dict | MimiConfig | None = None) -> Mimi:
+def load_mimi(
+    weights: str | Path,
+    config: str | Path | dict | MimiConfig | None = None,
+    device: mx.Device | None = None,
+) -> Mimi:
     """Mimi from an upstream PyTorch checkpoint (released key layout) or a converted MLX file.
 
     ``config``: a JSON path, a dict in upstream's nested format, or None for the real codec.
-    Mimi always computes in float32.
+    Mimi always computes in float32; its kernels are chosen for ``device`` (see
+    ``Mimi.place``; default MLX's default device).
     """
-    cfg = mimi_config(config)
+    cfg = as_mimi_config(config)
     model = Mimi(cfg)
     raw = read_safetensors(weights)
     if checkpoint_kind(raw) != "mimi":
@@ -68,6 +95,7 @@ def load_mimi(weights: str | Path, config: str | Path | dict | MimiConfig | None
         as_dtype=mx.float32,
         hint=lambda name: "that the Mimi config fits this checkpoint",
     )
+    model.place(device)
     return model
 
 
@@ -75,6 +103,7 @@ def load_lm(
     weights: str | Path | Sequence[str | Path],
     config: str | Path | dict | LmConfig | None = None,
     dtype: mx.Dtype | None = mx.float32,
+    quantize: Quantization | None = None,
 ) -> Lm:
     """The LM from a released PyTorch checkpoint, one of Kyutai's MLX files (bf16, q8 or q4) or
     a converted file (or the list of its shards). ``config``: JSON path, dict in upstream
@@ -82,14 +111,33 @@ def load_lm(
 
     Unquantized weights are cast to ``dtype`` (float32 by default, the exact path; pass
     ``mx.bfloat16`` for speed, or None to keep the file's dtype). Quantized files keep their
-    bits and group size, read from the tensor shapes. Nothing is read from disk until used.
+    bits and group size, read from the tensor shapes; ``quantize`` quantizes a float model
+    (``quantize_lm``'s rules). Nothing is read from disk until used (``materialize``).
     """
-    cfg = lm_config(config)
+    cfg = as_lm_config(config)
     model = Lm(cfg)
     params, source = read_lm_weights(weights, cfg)
-    quantize_like(model, params)
+    stored = quantize_like(model, params)
     load_into(model, params, source, as_dtype=dtype, hint=lm_config_hint)
+    if quantize is not None:
+        if stored is not None:
+            raise CheckpointError(
+                f"{source} is already quantized ({stored}); load it without `quantize`, or "
+                "quantize a float checkpoint (e.g. kyutai/moshiko-mlx-bf16)"
+            )
+        quantize_lm(model, quantize)
     return model
+
+
+def materialize(model: nn.Module, progress: Callable[[int, int], None] | None = None) -> None:
+    """Evaluate a lazily built or loaded model one layer at a time, so that float copies of
+    weights being quantized or cast never exist all at once. ``progress(done, total)``."""
+    leaves = [m for _, m in leaf_modules(model)]
+    for i, leaf in enumerate(leaves):
+        mx.eval(leaf.parameters())
+        if progress is not None:
+            progress(i + 1, len(leaves))
+    mx.eval(model.parameters())
 
 
 def read_lm_weights(
@@ -151,37 +199,23 @@ def lm_config_hint(name: str) -> str:
 
 FORMAT = "moshi-mlx"  # ``format`` field of the config.json that ``moshi-mlx convert`` writes
 MIMI_CONFIG = "mimi_config.json"  # optional Mimi config beside a PyTorch / Kyutai MLX release
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-
-
-# ``find_model_files`` takes arguments named like these two functions.
-_as_lm_config, _as_mimi_config = lm_config, mimi_config
 
 
 @dataclass
 class ModelFiles:
-    """Where the parts of a model are and how to build them (see ``find_model_files``)."""
+    """Where the parts of a model are and how to build them (see ``find_model_files``); a part
+    not asked for is None."""
 
-    lm_weights: list[Path]
-    mimi_weights: Path
-    tokenizer: Path
+    lm_weights: list[Path] | None
+    mimi_weights: Path | None
+    tokenizer: Path | None
     lm_config: LmConfig
     mimi_config: MimiConfig
     # "moshi-mlx" (written by ``moshi-mlx convert``), "kyutai-mlx" (Kyutai's MLX repos) or
-    # "pytorch" (Kyutai's PyTorch release), read from the LM's keys.
-    layout: str
+    # "pytorch" (Kyutai's PyTorch release), read from the LM's keys; None without the LM.
+    layout: str | None
     folder: Path | None = None
     config: dict | None = None  # the folder's config.json, if any
-
-
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {what} {path}: {e}") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{what} {path} must hold a JSON object")
-    return d
 
 
 def is_converted(config: dict | None) -> bool:
@@ -202,7 +236,7 @@ def _scan(folder: Path) -> tuple[dict[str, list[Path]], bool]:
     found: dict[str, list[Path]] = {"lm": [], "mimi": []}
     index = sorted(folder.glob("*.safetensors.index.json"))
     if len(index) == 1:
-        weight_map = _read_json(index[0], "index").get("weight_map", {})
+        weight_map = read_json(index[0], "shard index").get("weight_map", {})
         found["lm"] = [_named(folder, n, "LM shard") for n in sorted(set(weight_map.values()))]
     sharded = bool(found["lm"])
     for path in sorted(folder.glob("*.safetensors")):
@@ -216,12 +250,14 @@ def _scan(folder: Path) -> tuple[dict[str, list[Path]], bool]:
     return found, sharded
 
 
-def _one(paths: list[Path], what: str, folder: Path, flag: str) -> Path:
+def _one(paths: list[Path], what: str, folder: Path, argument: str) -> Path:
     if not paths:
-        raise CheckpointError(f"{folder}: no {what} found; pass it with {flag}")
+        raise CheckpointError(f"{folder}: no {what} found; give it with `{argument}`")
     if len(paths) > 1:
         names = ", ".join(p.name for p in paths)
-        raise CheckpointError(f"{folder}: several {what} files ({names}); pick one with {flag}")
+        raise CheckpointError(
+            f"{folder}: several {what} files ({names}); pick one with `{argument}`"
+        )
     return paths[0]
 
 
@@ -241,13 +277,15 @@ def _layout(lm_weights: list[Path], config: dict | None) -> str:
 def find_model_files(
     folder: str | Path | None = None,
     *,
+    parts: Collection[str] = PARTS,
     moshi_weights: str | Path | None = None,
     mimi_weights: str | Path | None = None,
     tokenizer: str | Path | None = None,
     lm_config: str | Path | dict | LmConfig | None = None,
     mimi_config: str | Path | dict | MimiConfig | None = None,
 ) -> ModelFiles:
-    """Find the LM, Mimi and tokenizer files of a model folder and the configs to build them.
+    """Find the files of the ``parts`` (``"lm"``, ``"mimi"``, ``"tokenizer"``) of a model
+    folder, and the configs to build them.
 
     Reads, in order: explicit arguments; the folder's ``config.json`` (ours, or upstream's LM
     config with optional ``moshi_name`` / ``mimi_name`` / ``tokenizer_name``); otherwise the
@@ -255,10 +293,13 @@ def find_model_files(
     The LM config defaults to Moshi 7B, the Mimi config to ``mimi_config.json`` when present,
     else the released codec.
     """
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise MoshiError(f"unknown model part(s) {sorted(unknown)}; parts are {', '.join(PARTS)}")
     folder = Path(folder).expanduser() if folder is not None else None
     config = None
     if folder is not None and (folder / "config.json").is_file():
-        config = _read_json(folder / "config.json", "config")
+        config = read_json(folder / "config.json", "config")
     ours = is_converted(config)
     names = dict(config.get("files", {})) if ours else {}
     if config and not ours:
@@ -269,12 +310,12 @@ def find_model_files(
         }
     scanned: tuple[dict[str, list[Path]], bool] | None = None
 
-    def weights_of(kind: str, override, flag: str) -> list[Path]:
+    def weights_of(kind: str, override, argument: str) -> list[Path]:
         nonlocal scanned
         if override is not None:
             return [Path(override).expanduser()]
         if folder is None:
-            raise CheckpointError(f"no model folder given: pass {flag} (or a folder / repo id)")
+            raise CheckpointError(f"no model folder given: give `{argument}` (or a folder)")
         if names.get(kind):
             listed = names[kind] if isinstance(names[kind], list) else [names[kind]]
             return [_named(folder, n, f"{kind} weights") for n in listed]
@@ -284,20 +325,22 @@ def find_model_files(
         if kind == "lm" and sharded:
             return found["lm"]
         what = "Moshi LM weights" if kind == "lm" else "Mimi codec weights"
-        return [_one(found[kind], what, folder, flag)]
+        return [_one(found[kind], what, folder, argument)]
 
-    lm_paths = weights_of("lm", moshi_weights, "--moshi-weights")
-    mimi_path = weights_of("mimi", mimi_weights, "--mimi-weights")[0]
-
-    if tokenizer is not None:
+    lm_paths = weights_of("lm", moshi_weights, "moshi_weights") if "lm" in parts else None
+    mimi_path = weights_of("mimi", mimi_weights, "mimi_weights")[0] if "mimi" in parts else None
+    tok_path = None
+    if "tokenizer" not in parts:
+        pass
+    elif tokenizer is not None:
         tok_path = Path(tokenizer).expanduser()
     elif folder is None:
-        raise CheckpointError("no model folder given: pass --tokenizer (or a folder / repo id)")
+        raise CheckpointError("no model folder given: give `tokenizer` (or a folder)")
     elif names.get("tokenizer"):
         tok_path = _named(folder, names["tokenizer"], "tokenizer")
     else:
-        tok_path = _one(sorted(folder.glob("*.model")), "text tokenizer (*.model)", folder,
-                        "--tokenizer")  # fmt: skip
+        models = sorted(folder.glob("*.model"))
+        tok_path = _one(models, "text tokenizer (*.model)", folder, "tokenizer")
 
     if lm_config is None and config is not None:
         lm_config = config["lm"] if ours else (config if "dim" in config else None)
@@ -309,17 +352,17 @@ def find_model_files(
         lm_weights=lm_paths,
         mimi_weights=mimi_path,
         tokenizer=tok_path,
-        lm_config=_as_lm_config(lm_config),
-        mimi_config=_as_mimi_config(mimi_config),
-        layout=_layout(lm_paths, config),
+        lm_config=as_lm_config(lm_config),
+        mimi_config=as_mimi_config(mimi_config),
+        layout=_layout(lm_paths, config) if lm_paths else None,
         folder=folder,
         config=config,
     )
 
 
-def model_folder(path_or_repo_id: str | Path) -> Path:
-    """A local folder as is, or a Hugging Face repo id downloaded (only the files a model
-    needs) into the usual cache. Raises ``ValueError`` with one line when that fails."""
+def model_folder(path_or_repo_id: str | Path, parts: Collection[str] = PARTS) -> Path:
+    """A local folder as is, or a Hugging Face repo id downloaded (only the files the
+    ``parts`` need) into the usual cache. Raises ``HubError`` with one line when that fails."""
     from . import hub
 
     folder = hub.local_folder(path_or_repo_id)
@@ -327,15 +370,18 @@ def model_folder(path_or_repo_id: str | Path) -> Path:
         return folder
     repo = str(path_or_repo_id)
     meta = hub.snapshot(repo, ["config.json", "*.safetensors.index.json", MIMI_CONFIG])
-    patterns = ["*.safetensors", "*.model", "*.json", "README.md"]
-    config = _read_json(meta / "config.json", "config") if (meta / "config.json").is_file() else {}
+    config = read_json(meta / "config.json", "config") if (meta / "config.json").is_file() else {}
     if is_converted(config):
         files = config.get("files", {})
-        patterns = ["*.json", "README.md", files.get("mimi"), files.get("tokenizer")]
-        patterns += list(files.get("lm", []))
+        named = {"lm": files.get("lm") or [], "mimi": [files.get("mimi")],
+                 "tokenizer": [files.get("tokenizer")]}  # fmt: skip
     elif all(config.get(k) for k in ("moshi_name", "mimi_name", "tokenizer_name")):
-        patterns = ["*.json", config["moshi_name"], config["mimi_name"], config["tokenizer_name"]]
-    return hub.snapshot(repo, [p for p in patterns if p])
+        named = {"lm": [config["moshi_name"]], "mimi": [config["mimi_name"]],
+                 "tokenizer": [config["tokenizer_name"]]}  # fmt: skip
+    else:  # told apart by their keys once here
+        named = {"lm": ["*.safetensors"], "mimi": ["*.safetensors"], "tokenizer": ["*.model"]}
+    patterns = ["*.json", "README.md"] + [p for part in parts for p in named[part] if p]
+    return hub.snapshot(repo, patterns)
 
 
 def load_tokenizer(path: str | Path):
@@ -357,29 +403,53 @@ def as_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
     if dtype is None or isinstance(dtype, mx.Dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise MoshiError(f"`dtype` must be one of {', '.join(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
 
 
+class Model(NamedTuple):
+    """What ``load`` returns; a part not asked for is None."""
+
+    lm: Lm | None
+    mimi: Mimi | None
+    tokenizer: object | None
+
+
 def load(
-    path_or_repo_id: str | Path, dtype: str | mx.Dtype | None = None, *, lazy: bool = False
-) -> tuple[Lm, Mimi, object]:
+    path_or_repo_id: str | Path,
+    dtype: str | mx.Dtype | None = None,
+    *,
+    quantize: Quantization | None = None,
+    parts: Collection[str] = PARTS,
+    mimi_device: mx.Device | None = None,
+    lazy: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Model:
     """Everything needed to run Moshi from one name: ``(lm, mimi, tokenizer)``.
 
     ``path_or_repo_id``: a folder written by ``moshi-mlx convert``, one of Kyutai's MLX repos
     (``kyutai/moshiko-mlx-q4`` / ``-q8`` / ``-bf16``, ``moshika-*``), a PyTorch release
     (``kyutai/moshiko-pytorch-bf16``), as a local folder or a Hugging Face repo id. Quantized
     models reload with their own bits and group size. ``dtype``: None keeps the stored dtype
-    (bf16 for Kyutai's repos); otherwise unquantized weights are cast to it. Mimi is float32
-    and set to the number of codebooks the LM uses; the tokenizer is a
-    ``sentencepiece.SentencePieceProcessor``. Weights are read now unless ``lazy``.
+    (bf16 for Kyutai's repos); otherwise unquantized weights are cast to it. ``quantize``
+    quantizes a float model while loading (its float copy never exists whole). ``parts``:
+    which of ``"lm"``, ``"mimi"``, ``"tokenizer"`` to load (others are None, and their files
+    are neither downloaded nor read). Mimi is float32, set to the number of codebooks the LM
+    uses, its kernels chosen for ``mimi_device``; the tokenizer is a
+    ``sentencepiece.SentencePieceProcessor``. Weights are read now, one layer at a time
+    (``progress(done, total)``), unless ``lazy``.
     """
-    files = find_model_files(model_folder(path_or_repo_id))
-    lm = load_lm(files.lm_weights, files.lm_config, dtype=as_dtype(dtype))
-    mimi = load_mimi(files.mimi_weights, files.mimi_config)
-    cfg = files.lm_config
-    mimi.set_num_codebooks(min(max(cfg.dep_q, cfg.n_q - cfg.dep_q), mimi.cfg.n_q))
-    tokenizer = load_tokenizer(files.tokenizer)
-    if not lazy:
-        mx.eval(lm.parameters(), mimi.parameters())
-    return lm, mimi, tokenizer
+    files = find_model_files(model_folder(path_or_repo_id, parts), parts=parts)
+    lm = mimi = tokenizer = None
+    if files.tokenizer is not None:
+        tokenizer = load_tokenizer(files.tokenizer)
+    if files.lm_weights is not None:
+        lm = load_lm(files.lm_weights, files.lm_config, dtype=as_dtype(dtype), quantize=quantize)
+        if not lazy:
+            materialize(lm, progress)
+    if files.mimi_weights is not None:
+        mimi = load_mimi(files.mimi_weights, files.mimi_config, mimi_device)
+        mimi.set_num_codebooks(min(files.lm_config.mimi_codebooks, mimi.cfg.n_q))
+        if not lazy:
+            mx.eval(mimi.parameters())
+    return Model(lm, mimi, tokenizer)

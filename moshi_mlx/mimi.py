@@ -7,7 +7,8 @@ from dataclasses import dataclass, field, fields
 import mlx.core as mx
 import mlx.nn as nn
 
-from .conv import Conv1d, ConvTranspose1d
+from .conv import Conv1d, ConvTranspose1d, place
+from .errors import MoshiError
 from .quantizer import SplitResidualVectorQuantizer
 from .seanet import SeanetConfig, SeanetDecoder, SeanetEncoder
 from .transformer import MimiTransformer, TransformerConfig
@@ -38,13 +39,13 @@ class MimiConfig:
         quant = d.get("quantizer", {})
         for name, sub in (("seanet", seanet), ("transformer", tr), ("quantizer", quant)):
             if not isinstance(sub, dict):
-                raise ValueError(f"Mimi config field '{name}' must be an object")
+                raise MoshiError(f"Mimi config field '{name}' must be an object")
         if seanet.get("n_residual_layers", 1) != 1 or not seanet.get("true_skip", True):
-            raise ValueError("Mimi config: only n_residual_layers=1 with true_skip is supported")
+            raise MoshiError("Mimi config: only n_residual_layers=1 with true_skip is supported")
         if not seanet.get("causal", True) or not tr.get("causal", True):
-            raise ValueError("Mimi config: only causal (streamable) codecs are supported")
+            raise MoshiError("Mimi config: only causal (streamable) codecs are supported")
         if "d_model" in tr and tr["d_model"] != seanet.get("dimension", tr["d_model"]):
-            raise ValueError("Mimi config: transformer.d_model must equal seanet.dimension")
+            raise MoshiError("Mimi config: transformer.d_model must equal seanet.dimension")
         return cls(
             sample_rate=d.get("sample_rate", 24000),
             frame_rate=d.get("frame_rate", 12.5),
@@ -112,6 +113,13 @@ class Mimi(nn.Module):
 
     # -- configuration -------------------------------------------------------------------------
 
+    def place(self, device: mx.Device | None = None) -> None:
+        """Pick the convolution kernels for the device Mimi will run on (default: MLX's
+        default device): matrix products over re-laid-out weights on the CPU, MLX's own
+        convolutions on the GPU. Same results either way; ``load_mimi`` calls it."""
+        self.device = device or mx.default_device()
+        place(self, self.device)
+
     @property
     def frame_size(self) -> int:
         return self.cfg.frame_size
@@ -122,30 +130,30 @@ class Mimi(nn.Module):
 
     def set_num_codebooks(self, k: int) -> None:
         if not 1 <= k <= self.cfg.n_q:
-            raise ValueError(f"num_codebooks must be in [1, {self.cfg.n_q}], got {k}")
+            raise MoshiError(f"num_codebooks must be in [1, {self.cfg.n_q}], got {k}")
         self.num_codebooks = k
 
     # -- checks ------------------------------------------------------------------------------
 
     def _check_pcm(self, pcm: mx.array, streaming: bool) -> None:
         if pcm.ndim != 3 or pcm.shape[1] != 1:
-            raise ValueError(f"pcm must be [batch, 1, samples] (mono), got shape {list(pcm.shape)}")
+            raise MoshiError(f"pcm must be [batch, 1, samples] (mono), got shape {list(pcm.shape)}")
         n = pcm.shape[2]
         if streaming and (n == 0 or n % self.frame_size):
-            raise ValueError(
+            raise MoshiError(
                 f"encode_step takes a positive multiple of {self.frame_size} samples, got {n}"
             )
         if n == 0:
-            raise ValueError("pcm is empty")
+            raise MoshiError("pcm is empty")
 
     def _check_codes(self, codes: mx.array) -> None:
         if codes.ndim != 3:
-            raise ValueError(f"codes must be [batch, codebooks, frames], got {list(codes.shape)}")
+            raise MoshiError(f"codes must be [batch, codebooks, frames], got {list(codes.shape)}")
         k = codes.shape[1]
         if not 1 <= k <= self.cfg.n_q:
-            raise ValueError(f"codes have {k} codebooks; this Mimi decodes 1 to {self.cfg.n_q}")
+            raise MoshiError(f"codes have {k} codebooks; this Mimi decodes 1 to {self.cfg.n_q}")
         if codes.size and (mx.min(codes).item() < 0 or mx.max(codes).item() >= self.cfg.bins):
-            raise ValueError(f"codes must be in [0, {self.cfg.bins}); got values outside")
+            raise MoshiError(f"codes must be in [0, {self.cfg.bins}); got values outside")
 
     # -- batch ---------------------------------------------------------------------------------
 

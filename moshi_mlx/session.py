@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from .errors import MoshiError
 from .generate import LmGen
 from .lm import Lm
 from .mimi import Mimi
@@ -32,18 +33,15 @@ class DuplexSession:
 
     def __init__(self, lm: Lm, mimi: Mimi, gen: LmGen):
         if mimi.sample_rate != 24000 or mimi.frame_size != 1920:
-            raise ValueError("Moshi needs the 24 kHz Mimi with 1920-sample frames")
+            raise MoshiError("Moshi needs the 24 kHz Mimi with 1920-sample frames")
         self.lm, self.mimi, self.gen = lm, mimi, gen
-        cfg = lm.cfg
-        self.n_user = cfg.n_q - cfg.dep_q
-        mimi.set_num_codebooks(max(cfg.dep_q, self.n_user))
+        self.n_user = lm.cfg.n_user
+        mimi.set_num_codebooks(lm.cfg.mimi_codebooks)
         self.frame_size = mimi.frame_size
-        self.frames = 0
 
     def reset(self) -> None:
         self.mimi.reset()
         self.gen.reset()
-        self.frames = 0
 
     def encode(self, pcm: np.ndarray) -> mx.array:
         x = mx.array(np.asarray(pcm, dtype=np.float32).reshape(1, 1, self.frame_size))
@@ -55,11 +53,10 @@ class DuplexSession:
     def step(self, pcm: np.ndarray) -> FrameResult:
         """Process one frame of user audio (``[1920]`` float32 at 24 kHz)."""
         if np.size(pcm) != self.frame_size:
-            raise ValueError(f"a frame is {self.frame_size} samples, got {np.size(pcm)}")
+            raise MoshiError(f"a frame is {self.frame_size} samples, got {np.size(pcm)}")
         user = self.encode(pcm)
         # Codes from Mimi are valid by construction: no host check, one evaluation per frame.
         out = self.gen.step(user, check=False)
-        self.frames += 1
         if out is None:
             return FrameResult(None, None, np.array(user[0]), None)
         pcm_out = self.decode(out[:, 1:])

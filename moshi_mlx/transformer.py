@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import ConcatenateKVCache
 
+from .attention import attention_mask, self_attention
 from .conv import Linear
 
 
@@ -23,14 +25,8 @@ class TransformerConfig:
     layer_scale: float | None = 0.01
 
 
-def window_mask(q_pos: mx.array, k_pos: mx.array, context: int) -> mx.array:
-    """Boolean ``[Tq, Tk]``: key ``j`` is visible to query ``p`` iff ``0 <= p - j < context``."""
-    delta = q_pos[:, None] - k_pos[None, :]
-    return (delta >= 0) & (delta < context)
-
-
 class RingKVCache(ConcatenateKVCache):
-    """The last ``capacity`` keys/values, in time order.
+    """The last ``capacity`` keys/values, in time order; ``position`` counts every step seen.
 
     Upstream Mimi's streaming cache is a ring of exactly ``context`` slots: when a chunk of two
     steps arrives, both keys are written before either query reads, so the first query of the
@@ -41,37 +37,37 @@ class RingKVCache(ConcatenateKVCache):
     def __init__(self, capacity: int):
         super().__init__()
         self.capacity = capacity
+        self.position = 0
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self.position += keys.shape[2]
         keys, values = super().update_and_fetch(keys, values)
         self.keys, self.values = keys[:, :, -self.capacity :], values[:, :, -self.capacity :]
         self.offset = self.keys.shape[2]
         return self.keys, self.values
+
+    def make_mask(self, N: int, window_size: int | None = None, return_array: bool = False):
+        """Mask of the ``N`` new queries over the keys held after their update (mlx-lm's
+        cache API): all of them for one query, causal within a chunk."""
+        if N == 1:
+            return None
+        held = min(self.offset + N, self.capacity)
+        return create_causal_mask(N, held - N, window_size=window_size)
 
 
 class MimiAttention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.num_heads = cfg.num_heads
-        self.head_dim = cfg.d_model // cfg.num_heads
         self.max_period = cfg.max_period
         self.in_proj = Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out_proj = Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def __call__(self, x: mx.array, mask: mx.array, offset: int, cache=None) -> mx.array:
-        B, T, _ = x.shape
-        qkv = self.in_proj(x).reshape(B, T, 3, self.num_heads, self.head_dim)
-        q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-        q = mx.fast.rope(
-            q, self.head_dim, traditional=True, base=self.max_period, scale=1.0, offset=offset
+    def __call__(self, x: mx.array, mask, offset: int, cache=None) -> mx.array:
+        out = self_attention(
+            self.in_proj(x), self.num_heads, mask, cache, rope_base=self.max_period, offset=offset
         )
-        k = mx.fast.rope(
-            k, self.head_dim, traditional=True, base=self.max_period, scale=1.0, offset=offset
-        )
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+        return self.out_proj(out)
 
 
 class MimiTransformerLayer(nn.Module):
@@ -101,8 +97,7 @@ class MimiTransformer(nn.Module):
         self._caches: list[RingKVCache] | None = None
 
     def __call__(self, x: mx.array) -> mx.array:
-        pos = mx.arange(x.shape[1])
-        mask = window_mask(pos, pos, self.context)
+        mask = attention_mask(x, window=self.context)
         for layer in self.layers:
             x = layer(x, mask, 0)
         return x
@@ -110,16 +105,10 @@ class MimiTransformer(nn.Module):
     def step(self, x: mx.array) -> mx.array:
         if self._caches is None:
             self._caches = [RingKVCache(self.context) for _ in self.layers]
-            self._position = 0
-        start, T = self._position, x.shape[1]
-        n_keys = min(start + T, self.context)
-        # Cached keys are the last n_keys positions in time order; only causality can mask them.
-        mask = window_mask(
-            mx.arange(start, start + T), mx.arange(start + T - n_keys, start + T), self.context
-        )
+        start = self._caches[0].position
+        mask = attention_mask(x, self._caches[0], window=self.context)
         for layer, cache in zip(self.layers, self._caches, strict=True):
             x = layer(x, mask, start, cache)
-        self._position += T
         return x
 
     def reset(self) -> None:

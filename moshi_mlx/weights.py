@@ -17,8 +17,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .errors import MoshiError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(MoshiError):
     """A weight file that cannot be used for the model it was given to."""
 
 
@@ -199,35 +201,9 @@ def read_safetensors(path: str | Path) -> dict[str, mx.array]:
         ) from None
 
 
-def _quantization_of(module: nn.Module, weights: dict, prefix: str) -> dict | None:
-    """bits/group_size of a layer stored quantized in ``weights``, from the tensor shapes."""
-    scales = weights.get(f"{prefix}.scales")
-    packed = weights.get(f"{prefix}.weight")
-    if scales is None or packed is None or not hasattr(module, "to_quantized"):
-        return None
-    in_dims = module.weight.shape[-1]
-    bits = packed.shape[-1] * 32 // in_dims
-    if bits not in (2, 3, 4, 5, 6, 8) or in_dims % scales.shape[-1]:
-        raise CheckpointError(f"{prefix}: quantized tensor shapes do not fit the model config")
-    return {"group_size": in_dims // scales.shape[-1], "bits": bits}
-
-
-def quantize_like(model: nn.Module, weights: dict[str, mx.array]) -> dict | None:
-    """Quantize exactly the layers that ``weights`` stores quantized (bits and group size read
-    from the shapes). Returns the most common ``{bits, group_size}`` or None."""
-    found: dict[str, dict] = {}
-
-    def predicate(path, module):
-        q = _quantization_of(module, weights, path)
-        if q:
-            found[path] = q
-        return q or False
-
-    nn.quantize(model, class_predicate=predicate)
-    if not found:
-        return None
-    settings = [tuple(sorted(q.items())) for q in found.values()]
-    return dict(max(set(settings), key=settings.count))
+def leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(path, module)`` of every leaf module (the layers that hold the parameters)."""
+    return tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
 
 
 def load_into(
@@ -288,74 +264,3 @@ def checkpoint_kind(keys) -> str | None:
     if lm == mimi:
         return None
     return "lm" if lm > mimi else "mimi"
-
-
-# ---- quantizing ------------------------------------------------------------------------------
-
-QUANT_BITS = (2, 3, 4, 5, 6, 8)
-# Group size per bit width of Kyutai's q4 / q8 files, our defaults too.
-DEFAULT_GROUP_SIZE = {4: 32, 8: 64}
-QUANT_GROUP_SIZES = (32, 64, 128)
-
-
-def quantizable(path: str, module: nn.Module) -> bool:
-    """The layers we quantize: linear projections and embedding tables (norms, convolutions
-    and Mimi stay in float). Our ``ZeroEmbedding`` / ``MultiLinear`` keep their behaviour."""
-    from .layers import MultiLinear
-
-    return isinstance(module, (nn.Linear, nn.Embedding, MultiLinear)) and hasattr(
-        module, "to_quantized"
-    )
-
-
-def quantization_of(model: nn.Module) -> dict | None:
-    """``{bits, group_size}`` of the model's first quantized layer, None if it is all float."""
-    for _, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
-        if "scales" in m:
-            return {"bits": m.bits, "group_size": m.group_size}
-    return None
-
-
-def indivisible_layers(model: nn.Module, group_size: int) -> dict[str, int]:
-    """Quantizable layers whose input width (last weight axis) ``group_size`` does not divide,
-    with that width."""
-    leaves = tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
-    return {
-        path: m.weight.shape[-1]
-        for path, m in leaves
-        if quantizable(path, m) and m.weight.shape[-1] % group_size
-    }
-
-
-def quantize_lm(
-    model: nn.Module, bits: int, group_size: int, skip_indivisible: bool = False
-) -> list[str]:
-    """Quantize the LM's linear and embedding layers in place (affine, ``bits`` per weight,
-    one scale and bias per ``group_size`` inputs). Lazy: nothing is computed until evaluated.
-
-    A layer whose input width ``group_size`` does not divide cannot be quantized: by default
-    that is an error naming the layers; with ``skip_indivisible`` they stay in float and their
-    paths are returned.
-    """
-    if bits not in QUANT_BITS:
-        raise ValueError(f"quantization bits must be one of {QUANT_BITS}, got {bits}")
-    if group_size not in QUANT_GROUP_SIZES:
-        raise ValueError(
-            f"quantization group size must be one of {QUANT_GROUP_SIZES}, got {group_size}"
-        )
-    skipped = indivisible_layers(model, group_size)
-    if skipped and not skip_indivisible:
-        folded = {re.sub(r"\.\d+(?=\.|$)", ".{i}", p): w for p, w in skipped.items()}
-        names = ", ".join(f"{p} (width {w})" for p, w in sorted(folded.items()))
-        raise ValueError(
-            f"group size {group_size} does not divide the input width of {len(skipped)} "
-            f"layer(s): {names}; pick a group size that divides them, or keep those layers in "
-            "float (skip_indivisible, --skip-indivisible)"
-        )
-    nn.quantize(
-        model,
-        group_size,
-        bits,
-        class_predicate=lambda path, m: quantizable(path, m) and path not in skipped,
-    )
-    return sorted(skipped)

@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten
 from safetensors.numpy import load_file, save_file
 
 import moshi_mlx
+from moshi_mlx.conv import MatmulChoice
 from moshi_mlx.mimi import Mimi, MimiConfig
 from moshi_mlx.weights import CheckpointError, mimi_rules, sanitize
 
@@ -20,9 +21,18 @@ TOL = 1e-4
 FRAME = 1920
 
 
-@pytest.fixture(scope="module")
-def mimi() -> Mimi:
+@pytest.fixture(scope="module", params=["cpu-matmuls", "mlx-kernels"])
+def mimi(request) -> Mimi:
+    """Both kernel choices of ``Mimi.place``: matrix products over re-laid-out weights (the
+    CPU's) and MLX's own convolutions (the GPU's), run here on the CPU."""
     m = moshi_mlx.load_mimi(MIMI_DIR / "weights.safetensors", MIMI_DIR / "config.json")
+    if request.param == "mlx-kernels":
+        for _, layer in m.named_modules():
+            if isinstance(layer, MatmulChoice):
+                layer.use_matmul(False)
+    assert any(isinstance(x, MatmulChoice) and x.matmul for _, x in m.named_modules()) == (
+        request.param == "cpu-matmuls"
+    )
     m.set_num_codebooks(32)
     return m
 
@@ -198,3 +208,12 @@ def test_wrong_config_or_file_gives_a_clear_error(tmp_path):
         moshi_mlx.load_mimi(truncated, MIMI_DIR / "config.json")
     with pytest.raises(CheckpointError, match="not found"):
         moshi_mlx.load_mimi(tmp_path / "nope.safetensors")
+
+
+def test_forward_passes_never_rewrite_parameters(mimi, mimi_io):
+    before = {k: id(v) for k, v in tree_flatten(mimi.parameters())}
+    mimi.reset()
+    mx.eval(mimi.decode_step(mimi.encode_step(mimi_io["pcm"][..., : 2 * FRAME])))
+    mx.eval(mimi.decode(mimi.encode(mimi_io["pcm"])))
+    assert {k: id(v) for k, v in tree_flatten(mimi.parameters())} == before
+    mimi.reset()
