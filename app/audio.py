@@ -19,18 +19,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cli import UserError
+from moshi_mlx.errors import MoshiError
+
 from .loop import FRAME, SAMPLE_RATE
 
 LIST_HINT = "see `moshi-mlx chat --list-devices`"
 
 
 def import_sounddevice():
-    """The ``sounddevice`` module, or a ``UserError`` saying how to install PortAudio."""
+    """The ``sounddevice`` module, or a ``MoshiError`` saying how to install PortAudio."""
     try:
         import sounddevice
     except OSError:
-        raise UserError(
+        raise MoshiError(
             "PortAudio, the sound library, is not installed "
             "(macOS: brew install portaudio; Debian/Ubuntu: apt install libportaudio2)"
         ) from None
@@ -63,7 +64,7 @@ class Devices:
 
 def choose_devices(sd, input_spec: str | None, output_spec: str | None) -> Devices:
     """Resolve the device flags (None: the system default) and check that both devices can do
-    24 kHz mono float32; raises ``UserError`` with one line otherwise."""
+    24 kHz mono float32; raises ``MoshiError`` with one line otherwise."""
     found = {}
     for kind, spec in (("input", input_spec), ("output", output_spec)):
         dev = parse_device(spec)
@@ -71,16 +72,16 @@ def choose_devices(sd, input_spec: str | None, output_spec: str | None) -> Devic
             info = sd.query_devices(dev, kind)
         except ValueError as e:  # no or several matches for a name
             first = str(e).splitlines()[0].rstrip(":")
-            raise UserError(f"{first} ({LIST_HINT})") from None
+            raise MoshiError(f"{first} ({LIST_HINT})") from None
         except sd.PortAudioError:
             if dev is None:
-                raise UserError(
+                raise MoshiError(
                     f"no {kind} device found (is a {'microphone' if kind == 'input' else 'speaker'}"
                     f" connected? {LIST_HINT})"
                 ) from None
-            raise UserError(f"there is no {kind} device {dev!r} ({LIST_HINT})") from None
+            raise MoshiError(f"there is no {kind} device {dev!r} ({LIST_HINT})") from None
         if info[f"max_{kind}_channels"] < 1:
-            raise UserError(f"device {info['name']!r} has no {kind} channels ({LIST_HINT})")
+            raise MoshiError(f"device {info['name']!r} has no {kind} channels ({LIST_HINT})")
         found[kind] = info
     check_device(sd, found["input"]["index"], "input")
     check_device(sd, found["output"]["index"], "output")
@@ -93,14 +94,14 @@ def choose_devices(sd, input_spec: str | None, output_spec: str | None) -> Devic
 
 
 def check_device(sd, device: int | str, kind: str, samplerate: float = SAMPLE_RATE) -> None:
-    """``UserError`` if ``device`` cannot stream mono float32 at ``samplerate`` for ``kind``."""
+    """``MoshiError`` if ``device`` cannot stream mono float32 at ``samplerate`` for ``kind``."""
     check = sd.check_input_settings if kind == "input" else sd.check_output_settings
     try:
         check(device=device, channels=1, dtype="float32", samplerate=samplerate)
     except (sd.PortAudioError, ValueError) as e:
         name = sd.query_devices(device)["name"]
         rate = f"{samplerate / 1000:g} kHz"
-        raise UserError(
+        raise MoshiError(
             f"{kind} device {name!r} cannot {'record' if kind == 'input' else 'play'} mono "
             f"{rate} audio ({one_line(e)}); pick another with --{kind}-device ({LIST_HINT})"
         ) from None
@@ -209,7 +210,9 @@ class DuplexAudio:
                 finished_callback=self._finished,
             )
         except (sd.PortAudioError, ValueError) as e:
-            raise UserError(f"cannot open the sound devices: {one_line(e)} ({LIST_HINT})") from None
+            raise MoshiError(
+                f"cannot open the sound devices: {one_line(e)} ({LIST_HINT})"
+            ) from None
         self.in_latency, self.out_latency = self.stream.latency
 
     def start(self) -> None:

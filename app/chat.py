@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moshi_mlx.errors import MoshiError
+
 from .audio import (
     DuplexAudio,
     LagPolicy,
@@ -31,16 +33,9 @@ from .audio import (
     list_devices,
     one_line,
 )
-from .cli import UserError
 from .display import make_screen
 from .loop import FRAME, FRAME_S, FrameDriver, Step, drive
-from .model_args import (
-    add_model_arguments,
-    add_sampling_arguments,
-    load_model,
-    model_name,
-    sampling_from_args,
-)
+from .options import add_model_arguments, add_sampling_arguments, load_model, sampling_from_args
 from .recording import Recorder
 from .wavio import temp_beside
 
@@ -108,21 +103,21 @@ def main(args: argparse.Namespace) -> int:
 
 def _check_args(args: argparse.Namespace) -> None:
     if not args.max_lag_ms >= FRAME_S * 1000:
-        raise UserError(f"--max-lag-ms must be at least {FRAME_S * 1000:g} (one frame)")
+        raise MoshiError(f"--max-lag-ms must be at least {FRAME_S * 1000:g} (one frame)")
     if args.device_latency not in ("low", "high"):
         try:
             args.device_latency = float(args.device_latency)
         except ValueError:
-            raise UserError("--device-latency must be 'low', 'high' or seconds") from None
+            raise MoshiError("--device-latency must be 'low', 'high' or seconds") from None
     for flag, path in (("--record", args.record), ("--debug-dump", args.debug_dump)):
         if path:
             p = Path(path)
             if p.is_dir():
-                raise UserError(f"{flag} {path} is a folder; give a file name")
+                raise MoshiError(f"{flag} {path} is a folder; give a file name")
             if not p.parent.is_dir():
-                raise UserError(f"{flag}: the folder {p.parent} does not exist")
+                raise MoshiError(f"{flag}: the folder {p.parent} does not exist")
             if not os.access(p.parent, os.W_OK):
-                raise UserError(f"{flag}: cannot write to {p.parent}")
+                raise MoshiError(f"{flag}: cannot write to {p.parent}")
 
 
 class Chat:
@@ -138,7 +133,6 @@ class Chat:
         devices = choose_devices(self.sd, args.input_device, args.output_device)
         screen = self.screen = make_screen(status_every_s=args.status_every)
         screen.info(f"microphone: {devices.input_name} | speakers: {devices.output_name}")
-        screen.info(f"loading {model_name(args)}")
         max_waiting = int(args.max_lag_ms // (FRAME_S * 1000))
         worker = ComputeWorker(args, sampling, max_waiting)
         restore = self._catch_signals()
@@ -161,7 +155,7 @@ class Chat:
             try:
                 audio.start()
             except self.sd.PortAudioError as e:
-                raise UserError(f"cannot start the sound devices: {one_line(e)}") from None
+                raise MoshiError(f"cannot start the sound devices: {one_line(e)}") from None
             worker.go.set()
             screen.ready("listening: speak now (Ctrl-C to stop)")
             failure = self._converse(worker, audio)
@@ -178,7 +172,7 @@ class Chat:
         if audio is not None and audio.stuck:
             raise _PortAudioStuck(failure)
         if failure:
-            raise UserError(failure)
+            raise MoshiError(failure)
         return 0
 
     def _converse(self, worker: ComputeWorker, audio: DuplexAudio) -> str | None:

@@ -12,14 +12,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import mlx.core as mx
 import numpy as np
-
-from moshi_mlx.generate import LmGen
-from moshi_mlx.session import DuplexSession
-from moshi_mlx.text import TextStreamer
-
-from .model_args import Sampling
 
 SAMPLE_RATE = 24000
 FRAME = 1920  # samples per frame: 80 ms at 24 kHz
@@ -47,9 +40,12 @@ class FrameDriver:
     live chat copes with compute that cannot keep up.
     """
 
-    def __init__(self, lm, mimi, tokenizer, sampling: Sampling, slow_s: float = 0.0):
-        self.sampling = sampling
-        self.gen = LmGen(lm, **sampling.gen_kwargs())
+    def __init__(self, lm, mimi, tokenizer, sampling, slow_s: float = 0.0):
+        from moshi_mlx.generate import LmGen
+        from moshi_mlx.session import DuplexSession
+        from moshi_mlx.text import TextStreamer
+
+        self.gen = LmGen(lm, sampling)
         self.session = DuplexSession(lm, mimi, self.gen)
         self.streamer = TextStreamer(tokenizer) if tokenizer is not None else None
         self.slow_s = slow_s
@@ -59,8 +55,6 @@ class FrameDriver:
         """Start the conversation over; with a seed, sampling restarts from the same state."""
         self.session.reset()
         self.index = 0
-        if self.sampling.seed is not None:
-            mx.random.seed(self.sampling.seed)
 
     def warmup(self, frames: int = 2) -> float:
         """Run ``frames`` frames of silence (compiling and allocating what the first real frames

@@ -15,16 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import UserError
-from .loop import FRAME, FRAME_S, SAMPLE_RATE, FrameDriver, Step, drive, split_frames
-from .model_args import (
-    add_model_arguments,
-    add_sampling_arguments,
-    load_model,
-    model_name,
-    sampling_from_args,
-)
-from .wavio import WavError, read_wav, resample, to_mono, write_wav
+from moshi_mlx.errors import MoshiError
+
+from .options import add_model_arguments, add_sampling_arguments, sampling_from_args
+from .wavio import read_wav, resample, to_mono, write_wav
 
 HELP = "Moshi's answer to a WAV file: IN (any common WAV) -> OUT (24 kHz mono WAV) + transcript"
 
@@ -41,31 +35,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def read_input(path: str | Path) -> tuple[np.ndarray, dict]:
     """Mono 24 kHz float32 audio of a WAV file, and what the file was."""
-    try:
-        x, rate = read_wav(path)
-    except WavError as e:
-        raise UserError(str(e)) from None
+    from .loop import SAMPLE_RATE
+
+    x, rate = read_wav(path)
     if len(x) == 0:
-        raise UserError(f"{path} holds no audio")
+        raise MoshiError(f"{path} holds no audio")
     info = {"sample_rate": rate, "channels": x.shape[1], "seconds": round(len(x) / rate, 3)}
     return resample(to_mono(x), rate, SAMPLE_RATE), info
 
 
 def main(args: argparse.Namespace) -> int:
+    from .loop import FRAME, FRAME_S, SAMPLE_RATE, FrameDriver, Step, drive, split_frames
+    from .options import load_model
+
     sampling = sampling_from_args(args)
     out_path = Path(args.output)
     if out_path.is_dir():
-        raise UserError(f"OUT {out_path} is a folder; give a file name")
+        raise MoshiError(f"OUT {out_path} is a folder; give a file name")
     if not out_path.parent.is_dir():
-        raise UserError(f"the folder of OUT ({out_path.parent}) does not exist")
+        raise MoshiError(f"the folder of OUT ({out_path.parent}) does not exist")
     if out_path.exists() and out_path.resolve() == Path(args.input).resolve():
-        raise UserError("OUT would overwrite IN")
+        raise MoshiError("OUT would overwrite IN")
     pcm, info = read_input(args.input)
 
     def report(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    report(f"loading {model_name(args)}")
     lm, mimi, tokenizer = load_model(args, report=report)
     driver = FrameDriver(lm, mimi, tokenizer, sampling)
     driver.warmup()

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from moshi_mlx.errors import MoshiError
+
 _PCM, _FLOAT, _EXTENSIBLE = 1, 3, 0xFFFE
 
 
-class WavError(ValueError):
+class WavError(MoshiError):
     """A file that is not a WAV this module can read; the message is one line."""
 
 

@@ -14,45 +14,32 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
-import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.utils import MAX_FILE_SIZE_GB, save_config
 
-from moshi_mlx.lm import Lm
 from moshi_mlx.loading import (
     FORMAT,
     ModelFiles,
     as_dtype,
     find_model_files,
     is_converted,
-    lm_config_hint,
+    load_lm,
+    load_mimi,
     load_tokenizer,
     model_folder,
-    read_lm_weights,
     wrong_checkpoint,
 )
-from moshi_mlx.mimi import Mimi
-from moshi_mlx.weights import (
-    DEFAULT_GROUP_SIZE,
-    CheckpointError,
-    checkpoint_kind,
-    load_into,
-    mimi_rules,
-    quantize_like,
-    quantize_lm,
-    read_safetensors,
-    sanitize,
-)
+from moshi_mlx.memory import max_rss_bytes
+from moshi_mlx.quantize import Quantization, QuantizeReport, quantize_report
+from moshi_mlx.weights import CheckpointError, checkpoint_kind, float_dtype, read_safetensors
 
 from .streaming import plan_shards, shard_names, write_safetensors
 
@@ -67,22 +54,12 @@ class ConversionResult:
 
     path: Path
     lm_files: list[str]
-    quantization: dict | None
+    quantization: QuantizeReport | None  # None: the LM is stored in float
     dtype: str
-    skipped: list[str] = field(default_factory=list)  # layers kept in float (skip_indivisible)
     bytes_written: int = 0
     seconds: float = 0.0
     peak_memory: int = 0  # bytes, mx.get_peak_memory()
     max_rss: int = 0  # bytes, of this process so far
-
-
-def _dtype_name(dtype: mx.Dtype) -> str:
-    return str(dtype).split(".")[-1]
-
-
-def _max_rss() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # macOS: bytes, Linux: KiB
 
 
 def _check_output(out: Path, force: bool, inputs: list[Path]) -> None:
@@ -96,16 +73,16 @@ def _check_output(out: Path, force: bool, inputs: list[Path]) -> None:
     for path in inputs:
         if path.resolve().is_relative_to(resolved):
             raise CheckpointError(
-                f"{out} holds the input file {path.name}; pick another --mlx-path"
+                f"{out} holds the input file {path.name}; pick another `mlx_path`"
             )
     if not force:
-        raise CheckpointError(f"{out} already exists; pass --force to replace it")
+        raise CheckpointError(f"{out} already exists; pass `force` to replace it")
     config = out / "config.json"
     ours = config.is_file() and is_converted(_try_json(config))
     if not ours and any(out.iterdir()):
         raise CheckpointError(
             f"{out} exists and is not a moshi-mlx model folder; refusing to replace it even "
-            "with --force"
+            "with `force`"
         )
 
 
@@ -122,15 +99,18 @@ def _input_files(
     folder = model_folder(hf_path) if hf_path is not None else None
     if folder is None and None in (moshi_weights, mimi_weights, tokenizer):
         raise CheckpointError(
-            "give --hf-path (a repo id or a folder), or all of --moshi-weights, --mimi-weights "
-            "and --tokenizer"
+            "give `hf_path` (a repo id or a folder), or all of `moshi_weights`, `mimi_weights` "
+            "and `tokenizer`"
         )
-    for path, flag, kind in ((moshi_weights, "--moshi-weights", "lm"),
-                             (mimi_weights, "--mimi-weights", "mimi")):  # fmt: skip
-        if path is not None and checkpoint_kind(read_safetensors(path)) != kind:
-            # Said again later without the flag; say it before any work.
+    for path, argument, kind in ((moshi_weights, "moshi_weights", "lm"),
+                                 (mimi_weights, "mimi_weights", "mimi")):  # fmt: skip
+        if path is not None:
+            # Found again later without naming the argument: say it before any work.
             weights = read_safetensors(path)
-            raise CheckpointError(f"{flag}: {wrong_checkpoint(Path(path), weights, kind)}")
+            if checkpoint_kind(weights) != kind:
+                raise CheckpointError(
+                    f"`{argument}`: {wrong_checkpoint(Path(path), weights, kind)}"
+                )
     return find_model_files(
         folder,
         moshi_weights=moshi_weights,
@@ -139,45 +119,6 @@ def _input_files(
         lm_config=lm_config,
         mimi_config=mimi_config,
     )
-
-
-def _lm_tensors(
-    files: ModelFiles,
-    dtype: mx.Dtype | None,
-    quantize: bool,
-    bits: int,
-    group_size: int,
-    skip_indivisible: bool,
-) -> tuple[dict[str, mx.array], dict | None, list[str]]:
-    """The LM's output tensors, lazily, in module order; checks keys and shapes first."""
-    model = Lm(files.lm_config)
-    params, source = read_lm_weights(files.lm_weights, files.lm_config)
-    stored = quantize_like(model, params)
-    load_into(model, params, source, as_dtype=dtype, hint=lm_config_hint)
-    del params
-    skipped: list[str] = []
-    if quantize:
-        if stored is not None:
-            raise CheckpointError(
-                f"{source} is already quantized ({stored['bits']}-bit, group size "
-                f"{stored['group_size']}); convert it without -q, or quantize from a float "
-                "checkpoint (e.g. kyutai/moshiko-mlx-bf16 or kyutai/moshiko-pytorch-bf16)"
-            )
-        skipped = quantize_lm(model, bits, group_size, skip_indivisible)
-        stored = {"group_size": group_size, "bits": bits}
-    tensors = dict(tree_flatten(model.parameters()))
-    return tensors, stored, skipped
-
-
-def _mimi_tensors(files: ModelFiles) -> dict[str, mx.array]:
-    model = Mimi(files.mimi_config)
-    raw = read_safetensors(files.mimi_weights)
-    if checkpoint_kind(raw) != "mimi":
-        raise CheckpointError(wrong_checkpoint(files.mimi_weights, raw, "mimi"))
-    params = sanitize(raw, mimi_rules(len(files.mimi_config.seanet.ratios)))
-    del raw
-    load_into(model, params, str(files.mimi_weights), as_dtype=mx.float32)
-    return dict(tree_flatten(model.parameters()))
 
 
 def _model_card(name: str, config: dict, source: dict) -> str:
@@ -216,9 +157,7 @@ def convert(
     hf_path: str | Path | None = None,
     mlx_path: str | Path = "mlx_model",
     *,
-    quantize: bool = False,
-    q_bits: int = 4,
-    q_group_size: int | None = None,
+    quantize: Quantization | None = None,
     dtype: str | mx.Dtype | None = None,
     moshi_weights: str | Path | None = None,
     mimi_weights: str | Path | None = None,
@@ -226,7 +165,6 @@ def convert(
     lm_config: str | Path | dict | None = None,
     mimi_config: str | Path | dict | None = None,
     force: bool = False,
-    skip_indivisible: bool = False,
     max_shard_bytes: int = MAX_FILE_SIZE_GB << 30,
     progress: Progress | None = None,
 ) -> ConversionResult:
@@ -234,34 +172,27 @@ def convert(
 
     ``hf_path``: a Hugging Face repo id or a local folder with Kyutai's files (PyTorch release
     or MLX repo; the layout is read from the keys); single files override what it holds.
-    ``quantize``: ``q_bits`` (4 or 8) affine quantization of the LM's linear and embedding
-    layers with ``q_group_size`` inputs per scale (default 32 for 4-bit, 64 for 8-bit).
-    ``dtype``: of the unquantized weights (and scales); None keeps the source's. Mimi is
-    always float32. ``skip_indivisible`` keeps in float the layers whose width the group size
-    does not divide (otherwise an error). The folder is written next to ``mlx_path`` under a
-    temporary name and renamed at the end: a failed conversion leaves nothing. An existing
-    ``mlx_path`` is replaced only with ``force`` (and only if it is an earlier conversion).
+    ``quantize``: affine quantization of the LM's linear and embedding layers
+    (``moshi_mlx.quantize_lm``'s rules: layers whose width the group size does not divide stay
+    in float, and are listed in the result). ``dtype``: of the unquantized weights (and
+    scales); None keeps the source's. Mimi is always float32. The folder is written next to
+    ``mlx_path`` under a temporary name and renamed at the end: a failed conversion leaves
+    nothing. An existing ``mlx_path`` is replaced only with ``force`` (and only if it is an
+    earlier conversion). ``progress(tensor_name, bytes_done, bytes_total)``.
     """
     start = time.perf_counter()
     mx.reset_peak_memory()
-    if quantize and q_bits not in DEFAULT_GROUP_SIZE:
-        raise ValueError(f"--q-bits must be 4 or 8, got {q_bits}")
-    group_size = q_group_size or DEFAULT_GROUP_SIZE.get(q_bits, 64)
-    target_dtype = as_dtype(dtype)
     out = Path(mlx_path).expanduser()
-
     files = _input_files(hf_path, moshi_weights, mimi_weights, tokenizer, lm_config, mimi_config)
-    inputs = [*files.lm_weights, files.mimi_weights, files.tokenizer]
-    _check_output(out, force, inputs)
+    _check_output(out, force, [*files.lm_weights, files.mimi_weights, files.tokenizer])
     load_tokenizer(files.tokenizer)  # fail now on a bad tokenizer, not after the LM
-    lm, quantization, skipped = _lm_tensors(
-        files, target_dtype, quantize, q_bits, group_size, skip_indivisible
-    )
-    mimi = _mimi_tensors(files)
-    floats = Counter(
-        a.dtype for k, a in lm.items() if mx.issubdtype(a.dtype, mx.floating) and "scales" not in k
-    )
-    stored_dtype = _dtype_name(floats.most_common(1)[0][0])
+    # Lazy: the tensors are read, cast and quantized only as they are written.
+    lm_model = load_lm(files.lm_weights, files.lm_config, as_dtype(dtype), quantize)
+    report = quantize_report(lm_model)
+    lm = dict(tree_flatten(lm_model.parameters()))
+    mimi = dict(tree_flatten(load_mimi(files.mimi_weights, files.mimi_config).parameters()))
+    del lm_model
+    stored_dtype = float_dtype(lm)
 
     sizes = {k: a.nbytes for k, a in lm.items()}
     shards = plan_shards(sizes, max_shard_bytes)
@@ -283,9 +214,9 @@ def convert(
         "layout": files.layout,
     }
     quant_entry = None
-    if quantization is not None:
+    if report is not None:
         # mlx-lm's convention: per-layer exceptions as ``path: false``.
-        quant_entry = {**quantization, **{path: False for path in skipped}}
+        quant_entry = {**report.settings.as_dict(), **dict.fromkeys(report.kept, False)}
     config = {
         "format": FORMAT,
         "model_type": "moshi",
@@ -324,13 +255,12 @@ def convert(
     return ConversionResult(
         path=out,
         lm_files=names,
-        quantization=quantization,
+        quantization=report,
         dtype=stored_dtype,
-        skipped=skipped,
         bytes_written=total,
         seconds=time.perf_counter() - start,
         peak_memory=mx.get_peak_memory(),
-        max_rss=_max_rss(),
+        max_rss=max_rss_bytes(),
     )
 
 

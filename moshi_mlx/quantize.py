@@ -33,12 +33,12 @@ class Quantization:
 
     def __post_init__(self):
         if self.bits not in BITS or isinstance(self.bits, bool):
-            raise MoshiError(f"quantization bits must be 4 or 8, got {self.bits!r}")
+            raise MoshiError(f"quantization `bits` must be 4 or 8, got {self.bits!r}")
         if self.group_size is None:
             object.__setattr__(self, "group_size", DEFAULT_GROUP_SIZE[self.bits])
         elif self.group_size not in GROUP_SIZES or isinstance(self.group_size, bool):
             raise MoshiError(
-                f"quantization group size must be 32, 64 or 128, got {self.group_size!r}"
+                f"quantization `group_size` must be 32, 64 or 128, got {self.group_size!r}"
             )
 
     def as_dict(self) -> dict:
@@ -50,17 +50,21 @@ class Quantization:
 
 @dataclass
 class QuantizeReport:
-    """What ``quantize_lm`` did: how many layers it quantized, and those it kept in float
+    """How a model is quantized: the settings, how many layers are, and those kept in float
     because the group size does not divide their input width (path -> width)."""
 
     settings: Quantization
     quantized: int
     kept: dict[str, int] = field(default_factory=dict)
 
-    def describe_kept(self) -> str:
-        """The kept layers, numbered paths folded (``layers.{i}``), for one-line messages."""
-        folded = {re.sub(r"\.\d+(?=\.|$)", ".{i}", p): w for p, w in self.kept.items()}
-        return ", ".join(f"{p} (width {w})" for p, w in sorted(folded.items()))
+    def __str__(self) -> str:
+        text = f"{self.settings}: {self.quantized} layers"
+        if self.kept:
+            # numbered paths folded (``layers.{i}``) so that the line stays short
+            folded = {re.sub(r"\.\d+(?=\.|$)", ".{i}", p): w for p, w in self.kept.items()}
+            names = ", ".join(f"{p} (width {w})" for p, w in sorted(folded.items()))
+            text += f"; {len(self.kept)} kept in float (width not divisible): {names}"
+        return text
 
 
 def quantizable(module: nn.Module) -> bool:
@@ -88,7 +92,7 @@ def quantize_lm(model: nn.Module, settings: Quantization) -> QuantizeReport:
     if len(kept) == len(leaves):
         widths = ", ".join(map(str, sorted(set(kept.values()))))
         raise MoshiError(
-            f"group size {settings.group_size} divides the input width of none of the "
+            f"`group_size` {settings.group_size} divides the input width of none of the "
             f"{len(leaves)} quantizable layers (widths {widths}): nothing would be quantized; "
             "pick a group size that divides them"
         )
@@ -98,7 +102,19 @@ def quantize_lm(model: nn.Module, settings: Quantization) -> QuantizeReport:
         settings.bits,
         class_predicate=lambda path, m: quantizable(m) and path not in kept,
     )
-    return QuantizeReport(settings, len(leaves) - len(kept), kept)
+    return quantize_report(model)
+
+
+def quantize_report(model: nn.Module) -> QuantizeReport | None:
+    """What ``quantize_lm`` (or the file a model was loaded from) made of ``model``; None for
+    a float model."""
+    settings = quantization_of(model)
+    if settings is None:
+        return None
+    leaves = leaf_modules(model)
+    quantized = sum("scales" in m for _, m in leaves)
+    kept = {p: m.weight.shape[-1] for p, m in leaves if quantizable(m)}
+    return QuantizeReport(settings, quantized, kept)
 
 
 def quantization_of(model: nn.Module) -> Quantization | None:

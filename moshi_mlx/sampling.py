@@ -37,17 +37,17 @@ class Sampling:
         for name in ("temp", "temp_text"):
             value = getattr(self, name)
             if not _real(value) or not 0 <= value < math.inf:
-                raise MoshiError(f"sampling: {name} must be a finite number >= 0, got {value!r}")
+                raise MoshiError(f"sampling: `{name}` must be a finite number >= 0, got {value!r}")
         for name in ("top_k", "top_k_text"):
             value = getattr(self, name)
             if not _integer(value) or value < 0:
-                raise MoshiError(f"sampling: {name} must be an integer >= 0, got {value!r}")
+                raise MoshiError(f"sampling: `{name}` must be an integer >= 0, got {value!r}")
         for name in ("top_p", "top_p_text"):
             value = getattr(self, name)
             if not _real(value) or not 0 <= value <= 1:
-                raise MoshiError(f"sampling: {name} must be in [0, 1], got {value!r}")
+                raise MoshiError(f"sampling: `{name}` must be in [0, 1], got {value!r}")
         if self.seed is not None and (not _integer(self.seed) or not 0 <= self.seed < 2**63):
-            raise MoshiError(f"sampling: seed must be an integer >= 0, got {self.seed!r}")
+            raise MoshiError(f"sampling: `seed` must be an integer >= 0, got {self.seed!r}")
 
     def replace(self, **changes) -> Sampling:
         return replace(self, **changes)

@@ -206,6 +206,17 @@ def leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
 
 
+def float_dtype(params: dict[str, mx.array]) -> str:
+    """Name (``"bfloat16"``...) of the most common dtype among the float weights, leaving out
+    quantization scales and biases (a quantized model's dtype is that of its norms)."""
+    names = [
+        str(v.dtype).split(".")[-1]
+        for k, v in params.items()
+        if mx.issubdtype(v.dtype, mx.floating) and not k.endswith((".scales", ".biases"))
+    ]
+    return max(set(names), key=names.count)
+
+
 def load_into(
     model: nn.Module,
     weights: dict[str, mx.array],

@@ -14,7 +14,7 @@
 # A small low-latency recorder stays attached to bus.monitor: it makes the null sink tick every
 # few ms instead of sleeping through its 2 s default block, which would stall new streams.
 #
-#   scripts/audio_env.sh install   apt-get the packages, then start (root)
+#   scripts/audio_env.sh install   apt-get the packages (root)
 #   scripts/audio_env.sh start     start if not running (idempotent; quiet unless it fails)
 #   scripts/audio_env.sh env       print the `export` lines clients need: eval "$(... env)"
 #   scripts/audio_env.sh status    exit 0 if up
@@ -145,7 +145,7 @@ install() {
 }
 
 case "${1:-start}" in
-  install) install; start ;;
+  install) install ;;
   start) start ;;
   env) print_env ;;
   stop) stop ;;

@@ -103,9 +103,14 @@ shape() {  # row -> the scale-down flags, the same on both sides
 }
 run() {  # side, jsonl, command...
   local side=$1 out=$2; shift 2
+  local target=$out
+  [ "$side" = ours ] && target=$out.raw  # converted below
   echo "### $(date +%T) $side: $*" >> "$LOG"
-  if ! $PFX "$@" --json-out "$out" >> "$LOG" 2>&1; then
+  if ! $PFX "$@" --json-out "$target" >> "$LOG" 2>&1; then
     echo "  $side FAILED (see $LOG)"; return 0
+  fi
+  if [ "$side" = ours ]; then  # our results -> the reference's record format
+    .venv/bin/python scripts/peer_records.py "$out.raw" >> "$out" && rm "$out.raw"
   fi
   .venv/bin/python -c 'import json, sys; r = [json.loads(l) for l in open(sys.argv[1])][-1]
 print("  %-7s %-22s median %9.2f ms  p90 %9.2f" % (sys.argv[2], r["bench"], r["timing"]["median_ms"], r["timing"]["p90_ms"]))' "$out" "$side"
@@ -114,7 +119,7 @@ ref() { run ref "$OUT/ref.jsonl" env -u PYTHONPATH .venv-ref/bin/python $PEER/re
         if [ $REF2 = 1 ]; then
           run ref032 "$OUT/ref032.jsonl" env -u PYTHONPATH .venv-ref-mlx032/bin/python $PEER/ref_step_bench.py "$@"
         fi; }
-ours() { run ours "$OUT/ours.jsonl" .venv/bin/moshi-mlx bench "$@"; }
+ours() { run ours "$OUT/ours.jsonl" .venv/bin/moshi-mlx bench --sampler top-p "$@"; }
 
 row() {
   local name=$1 steps=$STEPS warmup=$WARMUP rq="" oq="" rd=bf16 od=bfloat16

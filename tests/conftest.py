@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -14,6 +16,24 @@ MIMI_DIR = FIXTURES / "mimi"
 LM_DIR = FIXTURES / "lm"
 UPSTREAM_MLX_DIR = FIXTURES / "upstream_mlx"
 FULL_SIZE_KEYS = FIXTURES / "full_size_keys"
+# The installed command, as a user runs it: it never sees this checkout's bare package folders
+# (which a plain `python -m moshi_mlx.app` from the repository root would import instead of
+# the installed package).
+MOSHI_MLX = Path(sys.executable).with_name("moshi-mlx")
+
+
+def moshi_mlx_cmd(*args, **kwargs) -> subprocess.CompletedProcess:
+    """Run the installed ``moshi-mlx`` with ``args``; output captured as text."""
+    assert MOSHI_MLX.is_file(), f"{MOSHI_MLX} not found: install the project (pip install .)"
+    return subprocess.run([str(MOSHI_MLX), *map(str, args)], capture_output=True, text=True,
+                          **kwargs)  # fmt: skip
+
+
+def run_python(code: str, **kwargs) -> subprocess.CompletedProcess:
+    """``python -c code`` in a fresh interpreter, started outside the checkout (see above)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).parent, **kwargs)  # fmt: skip
+
 
 # A few sentences are enough for a tiny sentencepiece model with the same special ids as
 # Moshi's (0 unk / end of padding, 1 <s>, 2 </s>, 3 <pad>).

@@ -7,20 +7,19 @@ from __future__ import annotations
 import io
 import json
 import struct
-import subprocess
-import sys
 import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import moshi_mlx_cmd
 
 import moshi_mlx
+from moshi_mlx import Sampling
 from moshi_mlx.app.audio import LagPolicy
 from moshi_mlx.app.cli import main as cli_main
 from moshi_mlx.app.display import PlainScreen, RichScreen
 from moshi_mlx.app.loop import FRAME, SAMPLE_RATE, FrameDriver, drive, split_frames
-from moshi_mlx.app.model_args import Sampling
 from moshi_mlx.app.recording import Recorder, Transcript
 from moshi_mlx.app.wavio import AtomicWav, WavError, read_wav, resample, write_wav
 
@@ -341,20 +340,13 @@ def test_frame_loop_feeds_the_user_audio_to_mimi(model):
 # ---- moshi-mlx run ------------------------------------------------------------------------
 
 
-def moshi_mlx_cli(*args, timeout=120):
-    return subprocess.run(
-        [sys.executable, "-m", "moshi_mlx.app", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
-
-
 def test_run_end_to_end_is_deterministic_and_matches_the_frame_loop(tmp_path, model_dir, model):
     speech = speech_like(1.0, seed=2, rate=44100)
     write_wav(tmp_path / "in.wav", np.stack([speech, 0.5 * speech], 1), 44100)
     outs = []
     for name in ("a.wav", "b.wav"):
-        r = moshi_mlx_cli("run", tmp_path / "in.wav", tmp_path / name, "--hf-path", model_dir,
-                          "--seed", 7, "--json")  # fmt: skip
+        r = moshi_mlx_cmd("run", tmp_path / "in.wav", tmp_path / name, "--hf-path", model_dir,
+                          "--seed", 7, "--json", timeout=120)  # fmt: skip
         assert r.returncode == 0, r.stderr
         outs.append(json.loads(r.stdout))
     a, b = outs
@@ -373,8 +365,8 @@ def test_run_end_to_end_is_deterministic_and_matches_the_frame_loop(tmp_path, mo
 
 def test_run_prints_the_transcript_without_json(tmp_path, model_dir):
     write_wav(tmp_path / "in.wav", speech_like(0.4, rate=16000), 16000)
-    r = moshi_mlx_cli("run", tmp_path / "in.wav", tmp_path / "out.wav", "--hf-path", model_dir,
-                      "--temp", 0, "--temp-text", 0)  # fmt: skip
+    r = moshi_mlx_cmd("run", tmp_path / "in.wav", tmp_path / "out.wav", "--hf-path", model_dir,
+                      "--temp", 0, "--temp-text", 0, timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stderr and "RTF" in r.stderr
     assert (tmp_path / "out.wav").is_file()
@@ -391,7 +383,7 @@ def test_run_bad_inputs_give_one_line(tmp_path, model_dir, capsys):
         ("empty.wav", "o.wav", model, "holds no audio"),
         ("ok.wav", "nowhere/o.wav", model, "does not exist"),
         ("ok.wav", ".", model, "is a folder"),
-        ("ok.wav", "o.wav", [*model, "--temp", "-1"], "temperatures must be >= 0"),
+        ("ok.wav", "o.wav", [*model, "--temp", "-1"], "--temp must be a finite number >= 0"),
         ("ok.wav", "o.wav", ["--hf-path", str(tmp_path / "no-model")], "no such folder"),
     ]
     for wav_in, wav_out, extra, words in cases:

@@ -7,15 +7,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
-import mlx.core as mx
 import pytest
-from conftest import MIMI_DIR, UPSTREAM_MLX_DIR
+from conftest import MIMI_DIR, UPSTREAM_MLX_DIR, run_python
 
-import moshi_mlx
+from moshi_mlx import Sampling
 from moshi_mlx.app import bench
 from moshi_mlx.app.cli import main
 
@@ -103,34 +100,30 @@ def test_mimi_only_times_encode_and_decode(capsys):
     assert result["encode_ms_p50"] > 0 and result["decode_ms_p50"] > 0
 
 
-def test_json_out_appends_reference_records(capsys, tiny_config, tmp_path):
+def test_json_out_appends_the_result_with_its_samples(capsys, tiny_config, tmp_path):
     path = tmp_path / "ours.jsonl"
     for _ in range(2):
         code, out, _ = run_bench(capsys, *tiny_args(tiny_config, "--json-out", str(path)))
         assert code == 0
     records = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [r["bench"] for r in records] == ["lm_step", "mimi_mlx_stream_frame"] * 2
-    lm, mimi = records[:2]
-    for r in (lm, mimi):
-        assert {"median_ms", "p90_ms", "steps_per_s", "rtf"} <= r["timing"].keys()
-    assert lm["quant"] == "none" and lm["dtype"] == "bf16" and lm["sampler"] == "default"
-    assert lm["positions_timed"] == [2, 4]
-    assert mimi["config"]["num_codebooks"] == 8 and mimi["dtype"] == "f32"
-    # the same records also go to stdout, as the reference's RESULT_JSON lines
-    assert sum(line.startswith("RESULT_JSON {") for line in out.splitlines()) == 2
+    assert len(records) == 2 and REQUIRED_JSON_KEYS <= records[0].keys()
+    samples = records[0]["samples_ms"]
+    assert len(samples["lm"]) == len(samples["frame"]) == len(samples["stages.depth"]) == 3
+    assert records[0]["lm_step_ms_p50"] == pytest.approx(sorted(samples["lm"])[1], abs=1e-3)
+    assert out.startswith("frame_ms_p50=")  # key=value lines still go to stdout
 
 
-def test_default_sampler_is_top_p(tiny_config):
-    # Token 1 holds 3 % of the mass: plain sampling draws it about 12 times in 400, top-p 0.95
-    # never (the reference's default Sampler()).
-    cfg = bench.lm_config_from_args(scale_args(config=tiny_config))
-    gen = bench.make_gen(moshi_mlx.Lm(cfg), "top-p", seed=0)
-    row = mx.array([0.0, -3.5] + [-1e9] * (cfg.text_card - 2))  # e^-3.5 / (1 + e^-3.5) = 3 %
-    logits = mx.broadcast_to(row, (400, cfg.text_card))
-    tokens = gen.text_sampler(logits)
-    assert mx.all(tokens == 0).item()
-    plain = bench.make_gen(moshi_mlx.Lm(cfg), "top-k", seed=0)  # top-k 25 keeps token 1
-    assert mx.sum(plain.text_sampler(logits) == 1).item() > 0
+def test_default_sampling_is_what_chat_runs(capsys, tiny_config):
+    code, out, _ = run_bench(capsys, *tiny_args(tiny_config, "--no-mimi", "--json"))
+    result = json.loads(out)
+    assert code == 0 and result["sampler"] == "top-k"
+    assert result["sampling"] == Sampling(seed=bench.DEFAULT_SEED).as_dict()
+    argv = tiny_args(
+        tiny_config, "--no-mimi", "--json", "--sampler", "top-p", "--top-p-text", "0.5"
+    )
+    code, out, _ = run_bench(capsys, *argv)
+    sampling = json.loads(out)["sampling"]
+    assert sampling["top_p"] == 0.95 and sampling["top_p_text"] == 0.5 and sampling["top_k"] == 0
 
 
 def test_converted_model_from_a_folder(capsys, pytorch_repo):
@@ -174,30 +167,24 @@ def scale_args(**kw) -> argparse.Namespace:
     return argparse.Namespace(**{**base, **kw})
 
 
-# The reference harness's `config` for the rows of ../shared/peer_bench/RESULTS.md.
+# The rows of ../shared/peer_bench/RESULTS.md: scale-down flags -> the structure the reference
+# harness builds (heads dim/128 and dep_dim/64, gated FFN hidden 11/4 of the width).
 REF_ROWS = {
-    "tiny": (dict(dim=256, layers=2, dep_dim=256, dep_layers=2),
-             dict(dim=256, heads=2, layers=2, ffn_dim_feedforward=1024, dep_dim=256,
-                  dep_heads=4, dep_layers=2, dep_dim_feedforward=1024)),
+    "tiny": (dict(dim=256, layers=2, dep_dim=256, dep_layers=2), (256, 2, 2, 704, 256, 4, 2, 704)),
     "medium": (dict(dim=1024, layers=8, dep_dim=512, dep_layers=2),
-               dict(dim=1024, heads=8, layers=8, ffn_dim_feedforward=4096, dep_dim=512,
-                    dep_heads=8, dep_layers=2, dep_dim_feedforward=2048)),
-    "7b": (dict(),
-           dict(dim=4096, heads=32, layers=32, ffn_dim_feedforward=16384, dep_dim=1024,
-                dep_heads=16, dep_layers=6, dep_dim_feedforward=4224)),
+               (1024, 8, 8, 2816, 512, 8, 2, 1408)),
+    "7b": (dict(), (4096, 32, 32, 11264, 1024, 16, 6, 2816)),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("row", REF_ROWS)
 def test_scaled_configs_match_the_reference_structure(row):
     flags, expected = REF_ROWS[row]
-    cfg = bench.lm_config_from_args(scale_args(**flags))
-    desc = bench.ref_config_description(cfg, flags.get("dep_dim") is not None)
-    assert {k: desc[k] for k in expected} == expected
-    assert (desc["context"], desc["text_card"], desc["audio_card"]) == (3000, 32000, 2048)
-    # Upstream MLX's gated FFN width is 11/4 of the model width, in both transformers.
-    assert cfg.hidden_dim == 11 * cfg.dim // 4
-    assert cfg.depformer_hidden_dim == 11 * cfg.depformer_dim // 4
+    c = bench.lm_config_from_args(scale_args(**flags))
+    structure = (c.dim, c.num_heads, c.num_layers, c.hidden_dim, c.depformer_dim,
+                 c.depformer_num_heads, c.depformer_num_layers, c.depformer_hidden_dim)  # fmt: skip
+    assert structure == expected
+    assert (c.context, c.text_card, c.card, c.dep_q) == (3000, 32000, 2048, 8)
 
 
 def test_config_presets_and_json(tiny_config):
@@ -209,10 +196,14 @@ def test_config_presets_and_json(tiny_config):
     "argv, message",
     [
         (["--random-weights", "--config", "moshiko-3b"], "unknown config 'moshiko-3b'"),
-        (["--random-weights", "--config", "/nonexistent/lm.json"], "file not found"),
-        (["--random-weights", "-q", "3"], "must be 4 or 8, got 3"),
+        (["--random-weights", "--config", "/nonexistent/lm.json"], "not found"),
+        (["--random-weights", "-q", "3"], "takes 4 or 8 bits, got '3'"),
+        (["--random-weights", "-q", "--q-bits", "3"], "--q-bits must be 4 or 8, got 3"),
         (["--random-weights", "-q", "4", "--q-group-size", "48"], "must be 32, 64 or 128"),
-        (["--random-weights", "--q-group-size", "64"], "needs -q 4 or -q 8"),
+        (["--random-weights", "--q-group-size", "64"], "need -q/--quantize"),
+        (["--random-weights", "-q", "8", "--q-bits", "4"], "disagree"),
+        (["--random-weights", "--temp", "nan"], "--temp must be a finite number"),
+        (["--random-weights", "--seed", "-1"], "--seed must be an integer >= 0"),
         ([], "no model"),
         (["--no-lm", "--mimi-weights", "/nonexistent/mimi.safetensors"], "file not found"),
         (["--random-weights", "--no-lm", "--no-mimi"], "nothing to time"),
@@ -227,18 +218,18 @@ def test_errors_are_one_line(capsys, argv, message):
     assert len(err.strip().splitlines()) == 1 and message in err, err
 
 
-def test_group_size_that_does_not_divide_a_width_is_refused(capsys, tmp_path):
+def test_group_size_that_divides_no_width_is_refused(capsys, tmp_path):
     path = tmp_path / "odd.json"
-    path.write_text(json.dumps({**TINY_LM, "dim": 96}))  # 96 is not a multiple of 64
+    path.write_text(json.dumps({**TINY_LM, "dim": 96}))  # widths 96, 264, 32, 88: none of 64
     code, _, err = run_bench(
         capsys, "--random-weights", "--config", str(path), "--no-mimi", "-q", "8"
     )
     assert code == 1
     assert len(err.strip().splitlines()) == 1
-    assert "--q-group-size 64 does not divide the input width 96 of " in err
+    assert "--q-group-size 64 divides the input width of none of the" in err
 
 
 def test_bench_does_not_import_audio_devices():
     # The GPU machine has no PortAudio; the bench must not need sounddevice.
     code = "import sys, moshi_mlx.app.bench; sys.exit('sounddevice' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent).returncode == 0
+    assert run_python(code).returncode == 0

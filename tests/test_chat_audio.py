@@ -19,17 +19,17 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import MOSHI_MLX, moshi_mlx_cmd, run_python
 
 import moshi_mlx
+from moshi_mlx import Sampling
 from moshi_mlx.app.loop import FRAME, SAMPLE_RATE, FrameDriver
-from moshi_mlx.app.model_args import Sampling
 from moshi_mlx.app.wavio import read_wav
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,9 +66,17 @@ def card_env(folder: Path | None = None) -> dict[str, str]:
     return env
 
 
+def stop_card(env: dict[str, str]) -> None:
+    subprocess.run([str(AUDIO_ENV), "stop"], env=env, capture_output=True, timeout=30)
+
+
 @pytest.fixture(scope="session")
-def card() -> dict[str, str]:
-    return card_env()
+def card(tmp_path_factory) -> dict[str, str]:
+    """A virtual sound card of this test session's own (two suites running at once never
+    share one), stopped when the session ends."""
+    env = card_env(tmp_path_factory.mktemp("card"))
+    yield env
+    stop_card(env)
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +104,7 @@ class Chat:
     """``moshi-mlx chat`` in a subprocess, its output lines collected as they come."""
 
     def __init__(self, env, *args):
-        cmd = [sys.executable, "-m", "moshi_mlx.app", "chat", *map(str, args)]
+        cmd = [str(MOSHI_MLX), "chat", *map(str, args)]
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)  # fmt: skip
         self.out: list[str] = []
@@ -295,18 +303,20 @@ def converse(card, model_dir, tmp_path, seconds_after: float = 1.0, *args):
     """Start chat, feed the test signal once it listens, keep going ``seconds_after``, stop
     with Ctrl-C. Returns the chat, the dump, the bus recording and the fed signal."""
     bus = BusRecorder(card, tmp_path / "bus.f32")  # from before the chat's first block
-    chat = Chat(card, "--hf-path", model_dir, "--seed", 5, "--record", tmp_path / "talk.wav",
-                "--debug-dump", tmp_path / "dump.npz", "--status-every", 1, *args)  # fmt: skip
     try:
-        chat.wait_for("speak now")
-        time.sleep(0.5)
-        sig = test_signal()
-        feed_mic(card, sig, tmp_path)
-        time.sleep(seconds_after)
-        rc = chat.interrupt()
+        chat = Chat(card, "--hf-path", model_dir, "--seed", 5, "--record", tmp_path / "talk.wav",
+                    "--debug-dump", tmp_path / "dump.npz", "--status-every", 1, *args)  # fmt: skip
+        try:
+            chat.wait_for("speak now")
+            time.sleep(0.5)
+            sig = test_signal()
+            feed_mic(card, sig, tmp_path)
+            time.sleep(seconds_after)
+            rc = chat.interrupt()
+        finally:
+            chat.kill()
     finally:
-        chat.kill()
-    captured = bus.stop()
+        captured = bus.stop()
     assert rc == 0, (chat.out, chat.err)
     assert not any("Traceback" in line for line in chat.err), chat.err
     return chat, np.load(tmp_path / "dump.npz"), captured, sig
@@ -443,7 +453,7 @@ def test_chat_device_lost_mid_stream_exits_with_one_line_and_keeps_the_recording
                                  f"{chat.out} {chat.err}") from None  # fmt: skip
     finally:
         chat.kill()
-        subprocess.run([str(AUDIO_ENV), "stop"], env=own, timeout=30)
+        stop_card(own)
     assert rc == 1, (chat.out, chat.err)
     assert len(chat.err) == 1, chat.err
     assert chat.err[0].startswith("moshi-mlx chat: error: the audio stream stopped")
@@ -454,8 +464,7 @@ def test_chat_device_lost_mid_stream_exits_with_one_line_and_keeps_the_recording
 
 
 def run_chat(env, *args, timeout=60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "moshi_mlx.app", "chat", *map(str, args)],
-                          env=env, capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return moshi_mlx_cmd("chat", *args, env=env, timeout=timeout)
 
 
 def test_chat_list_devices_shows_the_virtual_card(card):
@@ -497,13 +506,12 @@ def test_chat_refuses_a_device_that_cannot_do_the_rate(card):
     code = (
         "import sounddevice as sd\n"
         "from moshi_mlx.app.audio import check_device\n"
-        "from moshi_mlx.app.cli import UserError\n"
+        "from moshi_mlx.errors import MoshiError\n"
         "try:\n"
         "    check_device(sd, 'default', 'input', samplerate=1e6)\n"
-        "except UserError as e:\n"
+        "except MoshiError as e:\n"
         "    print(e)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], env=card, capture_output=True, text=True,
-                       timeout=60)  # fmt: skip
+    r = run_python(code, env=card, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "cannot record mono 1000 kHz audio" in r.stdout and "--input-device" in r.stdout

@@ -17,7 +17,8 @@ import moshi_mlx
 from moshi_mlx import hub
 from moshi_mlx.lm import Lm, LmConfig
 from moshi_mlx.loading import find_model_files
-from moshi_mlx.weights import CheckpointError, lm_rules, quantize_lm, sanitize
+from moshi_mlx.quantize import Quantization, quantize_lm
+from moshi_mlx.weights import CheckpointError, lm_rules, sanitize
 
 MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 
@@ -216,7 +217,7 @@ def test_kyutai_mlx_7b_keys_map_onto_our_7b_tree(name, quantization):
     mapped = sanitize(stand_ins, lm_rules(cfg.schedule))
     model = Lm(cfg)
     if quantization:  # what ``convert -q`` does, lazily
-        assert quantize_lm(model, quantization["bits"], quantization["group_size"]) == []
+        assert quantize_lm(model, Quantization(**quantization)).kept == {}
     expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
     assert {k: v.shape for k, v in mapped.items()} == expected
     packed = {k for k, v in mapped.items() if v.dtype == mx.uint32}

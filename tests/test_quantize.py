@@ -3,19 +3,24 @@ quantization must keep (the zero token, float norms, Kyutai's own q8 / q4 files)
 
 from __future__ import annotations
 
+import json
+
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import pytest
 from conftest import LM_DIR, UPSTREAM_MLX_DIR
+from mlx.utils import tree_flatten
 
 import moshi_mlx
-from moshi_mlx.convert.measure import logit_error, quantized_copy, random_codes
+from moshi_mlx import MoshiError, Quantization
 from moshi_mlx.layers import QuantizedMultiLinear, QuantizedZeroEmbedding
-from moshi_mlx.weights import indivisible_layers, quantize_lm
+from moshi_mlx.quantize import logit_error, quantizable, quantize_lm, quantize_report
+from moshi_mlx.weights import leaf_modules
 
 QUANT_DIR = UPSTREAM_MLX_DIR / "quant"
 
-# The README's table (python -m moshi_mlx.convert.measure quality), measured on Linux / CPU:
+# The README's table (python scripts/measure.py quality), measured on Linux / CPU:
 # teacher-forced logits of the LM quantized from its bf16 weights, computed in float32, against
 # the same bf16 weights computed in float32. (text max abs error, audio max abs error, text
 # top-1 agreement, audio top-1 agreement). Fixture LM: tf_codes, 20 text / 153 audio positions;
@@ -34,6 +39,23 @@ QUANT_TABLE = {
 }
 # Other backends (Metal) sum in another order: allow 5% on the errors and one flipped near-tie.
 SLACK, FLIPS = 1.05, 1
+
+
+def quantized_copy(weights, config, bits: int, group_size: int):
+    """The LM quantized from its stored (bf16) weights, computed in float32, and the share of
+    its weights that got quantized."""
+    model = moshi_mlx.load_lm(weights, config, dtype=None)
+    sizes = {k: v.size for k, v in tree_flatten(model.parameters())}
+    kept = quantize_lm(model, Quantization(bits, group_size)).kept
+    model.set_dtype(mx.float32)  # scales and norms upcast exactly: only quantization differs
+    kept_size = sum(n for k, n in sizes.items() if k.rsplit(".", 1)[0] in kept)
+    return model, 1 - kept_size / sum(sizes.values())
+
+
+def random_codes(cfg, steps: int, seed: int) -> mx.array:
+    rng = np.random.default_rng(seed)
+    text = rng.integers(0, cfg.text_card, (1, 1, steps))
+    return mx.array(np.concatenate([text, rng.integers(0, cfg.card, (1, cfg.n_q, steps))], 1))
 
 
 def assert_within(err: dict, row: tuple) -> None:
@@ -92,7 +114,8 @@ def test_eight_bits_are_much_closer_than_four(fixture_reference, lm_io):
 
 def test_quantized_layers_keep_the_zero_token_and_float_norms():
     model = moshi_mlx.load_lm(QUANT_DIR / "model.safetensors", QUANT_DIR / "config.json", None)
-    assert quantize_lm(model, 4, 32) == []
+    report = quantize_lm(model, Quantization(4))
+    assert report.kept == {} and report.settings == Quantization(4, 32)
     ids = mx.array([[-1, 5, -1]])
     for emb in (model.text_emb, model.emb[3], model.depformer_emb[0], model.depformer_text_emb):
         assert isinstance(emb, QuantizedZeroEmbedding)
@@ -107,26 +130,33 @@ def test_quantized_layers_keep_the_zero_token_and_float_norms():
         model.depformer.layers[1].norm2,
     ):
         assert type(norm) is nn.RMSNorm and norm.weight.dtype == mx.bfloat16
+    with pytest.raises(MoshiError, match="already quantized"):
+        quantize_lm(model, Quantization(8))
 
 
-def test_indivisible_widths_are_named_or_skipped():
+def test_layers_the_group_size_does_not_divide_stay_in_float_and_are_reported():
     model = moshi_mlx.load_lm(LM_DIR / "weights.safetensors", LM_DIR / "config.json", None)
-    assert sorted(set(indivisible_layers(model, 32).values())) == [88, 176]
-    with pytest.raises(ValueError) as e:
-        quantize_lm(model, 8, 64)
-    message = str(e.value)
-    assert "group size 64 does not divide the input width of 54 layer(s)" in message
-    assert "transformer.layers.{i}.gating.linear_out (width 176)" in message
-    assert "depformer_text_emb (width 32)" in message and "\n" not in message
-    skipped = quantize_lm(model, 8, 32, skip_indivisible=True)
-    assert skipped == sorted(indivisible_layers(model, 32))
-    assert len(skipped) == 18
+    layers = sum(quantizable(m) for _, m in leaf_modules(model))
+    report = quantize_lm(model, Quantization(8, 32))  # widths 32, 88, 176: 88 and 176 stay
+    assert sorted(set(report.kept.values())) == [88, 176] and len(report.kept) == 18
+    assert report.quantized == layers - 18 == 68
     assert type(model.transformer.layers[0].gating.linear_out) is nn.Linear
     assert isinstance(model.transformer.layers[0].gating.linear_in, nn.QuantizedLinear)
+    text = str(report)
+    assert "8-bit, group size 32: 68 layers; 18 kept in float" in text
+    assert "transformer.layers.{i}.gating.linear_out (width 176)" in text and "\n" not in text
+    assert str(quantize_report(model)) == text  # the same, read back from the model
 
 
-@pytest.mark.parametrize("bits, group_size", [(7, 32), (4, 48)])
+def test_a_group_size_that_divides_no_width_is_refused():
+    cfg = json.loads((LM_DIR / "config.json").read_text())
+    cfg.update(dim=48, depformer_dim=24, num_heads=2, depformer_num_heads=2)
+    model = moshi_mlx.Lm(moshi_mlx.LmConfig.from_dict(cfg))
+    with pytest.raises(MoshiError, match="`group_size` 128 divides the input width of none"):
+        quantize_lm(model, Quantization(4, 128))
+
+
+@pytest.mark.parametrize("bits, group_size", [(7, 32), (4, 48), (True, 32)])
 def test_unsupported_settings_are_refused(bits, group_size):
-    model = moshi_mlx.load_lm(QUANT_DIR / "model.safetensors", QUANT_DIR / "config.json", None)
-    with pytest.raises(ValueError, match="bits must be|group size must be"):
-        quantize_lm(model, bits, group_size)
+    with pytest.raises(MoshiError, match="`bits` must be|`group_size` must be"):
+        Quantization(bits, group_size)

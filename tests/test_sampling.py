@@ -52,14 +52,14 @@ def test_presets_top_p_cuts_the_tail_and_top_k_keeps_it():
 @pytest.mark.parametrize(
     "changes, words",
     [
-        ({"temp": -0.1}, "temp must be a finite number >= 0"),
-        ({"temp_text": math.nan}, "temp_text must be a finite number"),
-        ({"temp": math.inf}, "temp must be a finite number"),
-        ({"top_k": -1}, "top_k must be an integer >= 0"),
-        ({"top_k_text": 2.5}, "top_k_text must be an integer"),
-        ({"top_p": 1.5}, "top_p must be in [0, 1]"),
-        ({"seed": -1}, "seed must be an integer >= 0"),
-        ({"seed": "7"}, "seed must be an integer"),
+        ({"temp": -0.1}, "`temp` must be a finite number >= 0"),
+        ({"temp_text": math.nan}, "`temp_text` must be a finite number"),
+        ({"temp": math.inf}, "`temp` must be a finite number"),
+        ({"top_k": -1}, "`top_k` must be an integer >= 0"),
+        ({"top_k_text": 2.5}, "`top_k_text` must be an integer"),
+        ({"top_p": 1.5}, "`top_p` must be in [0, 1]"),
+        ({"seed": -1}, "`seed` must be an integer >= 0"),
+        ({"seed": "7"}, "`seed` must be an integer"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_field(changes, words):

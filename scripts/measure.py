@@ -1,8 +1,8 @@
 """Measurements behind the README's conversion figures (not used by the converter itself).
 
-``python -m moshi_mlx.convert.measure quality``: what 8-bit and 4-bit quantization do to
+``python scripts/measure.py quality``: what 8-bit and 4-bit quantization do to
 teacher-forced logits of the fixture LMs (needs ``tests/fixtures``).
-``python -m moshi_mlx.convert.measure memory --size medium``: writes a random checkpoint in
+``python scripts/measure.py memory --size medium``: writes a random checkpoint in
 Kyutai's PyTorch layout to a temporary folder and converts it in a fresh process, reporting
 time, peak MLX memory and max RSS.
 """
@@ -22,43 +22,23 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from moshi_mlx.convert.streaming import write_safetensors
 from moshi_mlx.lm import Lm, LmConfig
 from moshi_mlx.loading import load_lm
-from moshi_mlx.weights import quantize_lm
+from moshi_mlx.quantize import Quantization, logit_error, quantize_lm
 
-# ---- logit error -----------------------------------------------------------------------------
-
-
-def logit_error(model: Lm, reference: Lm, codes: mx.array) -> dict:
-    """Teacher-forced logits of ``model`` against ``reference`` on ``codes`` ``[1, 17, T]``:
-    max / mean absolute error and top-1 agreement, text and audio, valid positions only."""
-    t_ref, a_ref, t_mask, a_mask = reference(codes)
-    t, a, _, _ = model(codes)
-    out = {}
-    for name, x, ref, mask in (("text", t, t_ref, t_mask), ("audio", a, a_ref, a_mask)):
-        err = mx.where(mask[..., None], mx.abs(x - ref), 0.0)
-        n = mask.sum().item()
-        out[name] = {
-            "max": err.max().item(),
-            "mean": err.sum().item() / (n * x.shape[-1]),
-            "top1": ((x.argmax(-1) == ref.argmax(-1)) & mask).sum().item(),
-            "positions": n,
-            "std": mx.sqrt(
-                mx.where(mask[..., None], ref * ref, 0.0).sum() / (n * x.shape[-1])
-            ).item(),
-        }
-    return out
+# ---- quantization quality ---------------------------------------------------------------------
 
 
 def quantized_copy(weights, config, bits: int, group_size: int) -> tuple[Lm, float]:
-    """The LM quantized from its stored (bf16) weights as ``convert -q --skip-indivisible``
-    does, computing in float32; also the fraction of LM weights that got quantized."""
+    """The LM quantized from its stored (bf16) weights as ``convert -q`` does, computing in
+    float32; also the fraction of LM weights that got quantized."""
     model = load_lm(weights, config, dtype=None)
     sizes = {k: v.size for k, v in tree_flatten(model.parameters())}
-    skipped = quantize_lm(model, bits, group_size, skip_indivisible=True)
-    kept = sum(n for k, n in sizes.items() if any(k.startswith(s + ".") for s in skipped))
+    kept = quantize_lm(model, Quantization(bits, group_size)).kept
+    kept_size = sum(n for k, n in sizes.items() if any(k.startswith(s + ".") for s in kept))
     model.set_dtype(mx.float32)  # scales and norms upcast exactly: only quantization differs
-    return model, 1 - kept / sum(sizes.values())
+    return model, 1 - kept_size / sum(sizes.values())
 
 
 def random_codes(cfg: LmConfig, steps: int, seed: int) -> mx.array:
@@ -148,8 +128,6 @@ def pytorch_name(name: str) -> str:
 def write_random_pytorch_lm(path: Path, cfg: LmConfig, seed: int = 0) -> int:
     """A random LM in Kyutai's released PyTorch layout (bf16), generated lazily and written
     tensor by tensor (so the generator stays small too)."""
-    from .streaming import write_safetensors
-
     tensors = {}
     for i, (name, p) in enumerate(tree_flatten(Lm(cfg).parameters())):
         if re.search(r"norm\d?\.weight$", name):
@@ -181,11 +159,12 @@ def memory(size: str, fixtures: Path, extra: list[str], workdir: Path | None = N
         if not lm.exists():
             # In a child: Linux carries a parent's peak RSS over into the children it starts.
             t = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "moshi_mlx.convert.measure", "random-lm",
+            subprocess.run([sys.executable, __file__, "random-lm",
                             "--size", size, "--out", str(lm)], check=True)  # fmt: skip
             gb = lm.stat().st_size / 1e9
             print(f"random {size} LM: {gb:.2f} GB bf16 in {time.perf_counter() - t:.0f} s")
-        cmd = [sys.executable, "-m", "moshi_mlx.app", "convert", "--moshi-weights", str(lm),
+        cmd = [str(Path(sys.executable).with_name("moshi-mlx")), "convert",
+               "--moshi-weights", str(lm),
                "--lm-config", str(lm_config), "--mimi-weights",
                str(fixtures / "mimi/weights.safetensors"), "--mimi-config",
                str(fixtures / "mimi/config.json"), "--tokenizer", str(_tokenizer(tmp)),

@@ -1,0 +1,160 @@
+"""Flags shared by the commands, and the library objects they turn into.
+
+Every command that takes a model, quantizes or samples uses these, so a flag means the same
+everywhere: ``-q/--quantize [BITS]`` with ``--q-bits`` and ``--q-group-size`` (a
+``moshi_mlx.Quantization``), ``--dtype``, and the sampling flags (a ``moshi_mlx.Sampling``).
+Argument destinations carry the library's argument names, so the library's error messages
+name these flags (see ``cli.flags_for``). Importing this module imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Collection
+
+DEFAULT_MODEL = "kyutai/moshiko-mlx-q4"
+KYUTAI_REPOS = {(4, 32): "kyutai/moshiko-mlx-q4", (8, 64): "kyutai/moshiko-mlx-q8"}
+DTYPES = ("bfloat16", "float16", "float32")
+SAMPLERS = ("top-k", "top-p", "greedy")  # moshi_mlx.sampling.PRESETS
+DEFAULT_BITS = 4
+
+
+def _bits(text: str) -> int:
+    if text not in ("4", "8"):
+        raise argparse.ArgumentTypeError(
+            f"takes 4 or 8 bits, got {text!r} (put -q after the positional arguments, or use "
+            "--q-bits)"
+        )
+    return int(text)
+
+
+def add_quantization_arguments(group) -> None:
+    group.add_argument(
+        "-q",
+        "--quantize",
+        nargs="?",
+        const=0,
+        type=_bits,
+        metavar="BITS",
+        help=f"quantize the LM's linear and embedding layers, BITS 4 or 8 (default "
+        f"{DEFAULT_BITS}; same as --q-bits)",
+    )
+    group.add_argument("--q-bits", dest="bits", type=int, help="bits with -q: 4 or 8")
+    group.add_argument(
+        "--q-group-size",
+        dest="group_size",
+        type=int,
+        help="weights per scale with -q: 32, 64 or 128 (default 32 for 4-bit, 64 for 8-bit)",
+    )
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL):
+    g = parser.add_argument_group("model")
+    where = f"default {default}, downloaded and cached on first use" if default else "required"
+    g.add_argument(
+        "--hf-path",
+        default=None,
+        help=f"model folder or Hugging Face repo id: written by `moshi-mlx convert`, one of "
+        f"Kyutai's MLX repos or its PyTorch release ({where}; HF_HUB_OFFLINE=1 uses the "
+        "cache only)",
+    )
+    add_quantization_arguments(g)
+    g.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="cast unquantized LM weights to this dtype (default: as stored)",
+    )
+    return g
+
+
+def quantization_from_args(args: argparse.Namespace):
+    """The ``Quantization`` that ``-q``, ``--q-bits`` and ``--q-group-size`` ask for, or None."""
+    from moshi_mlx.errors import MoshiError
+    from moshi_mlx.quantize import Quantization
+
+    if args.quantize is None:
+        if args.bits is not None or args.group_size is not None:
+            raise MoshiError("--q-bits and --q-group-size need -q/--quantize")
+        return None
+    if args.quantize and args.bits is not None and args.bits != args.quantize:
+        raise MoshiError(f"-q {args.quantize} and --q-bits {args.bits} disagree; give one")
+    return Quantization(args.quantize or args.bits or DEFAULT_BITS, args.group_size)
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    from_default = "(from --sampler)"
+    g = parser.add_argument_group("sampling (temperature 0 = greedy; 0 switches top-k/top-p off)")
+    g.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        default="top-k",
+        help="base settings: top-k = upstream PyTorch's (audio temp 0.8 top-k 250, text temp "
+        "0.7 top-k 25; the default), top-p = upstream MLX's (temp 0.8, top-p 0.95), greedy",
+    )
+    for flag, kind in (
+        ("--temp", float),
+        ("--temp-text", float),
+        ("--top-k", int),
+        ("--top-k-text", int),
+        ("--top-p", float),
+        ("--top-p-text", float),
+    ):
+        g.add_argument(flag, type=kind, default=None, help=f"{flag[2:]} {from_default}")
+    g.add_argument("--seed", type=int, default=None, help="random seed: same input, same output")
+
+
+def sampling_from_args(args: argparse.Namespace):
+    """The ``Sampling`` of ``--sampler`` with the explicit flags applied."""
+    from moshi_mlx.sampling import PRESETS
+
+    names = ("temp", "temp_text", "top_k", "top_k_text", "top_p", "top_p_text", "seed")
+    given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    return PRESETS[args.sampler].replace(**given)
+
+
+def model_name(args: argparse.Namespace, quantization=None) -> str:
+    """What ``--hf-path`` asks for; without it, Kyutai's repo of the asked quantization."""
+    from moshi_mlx.errors import MoshiError
+
+    if args.hf_path is not None:
+        return args.hf_path
+    if quantization is None:
+        return DEFAULT_MODEL
+    repo = KYUTAI_REPOS.get((quantization.bits, quantization.group_size))
+    if repo is None:
+        raise MoshiError(
+            f"Kyutai publishes no {quantization} model; to quantize with these settings, give "
+            "a float model with --hf-path (e.g. kyutai/moshiko-mlx-bf16)"
+        )
+    return repo
+
+
+def load_model(
+    args: argparse.Namespace,
+    report: Callable[[str], None] = print,
+    parts: Collection[str] = ("lm", "mimi", "tokenizer"),
+    progress: Callable[[int, int], None] | None = None,
+):
+    """``(lm, mimi, tokenizer)`` for the model flags (``moshi_mlx.load``); call it on the
+    thread that will run the model. ``report`` receives one-line progress messages."""
+    import moshi_mlx
+    from moshi_mlx import hub
+    from moshi_mlx.quantize import quantize_report
+
+    quantization = quantization_from_args(args)
+    name = model_name(args, quantization)
+    if args.hf_path is None:
+        quantization = None  # Kyutai's repo of those settings is quantized already
+    start = time.perf_counter()
+    report(f"loading {name}")
+    if hub.local_folder(name) is None:
+        report(f"fetching {name} from the Hugging Face Hub (cached after the first run)")
+    model = moshi_mlx.load(
+        name, dtype=args.dtype, quantize=quantization, parts=parts, progress=progress
+    )
+    if quantization is not None:
+        report(f"quantized the LM to {quantize_report(model.lm)}")
+    report(f"model ready in {time.perf_counter() - start:.1f} s")
+    return model
