@@ -35,7 +35,13 @@ from .audio import (
 )
 from .display import make_screen
 from .loop import FRAME, FRAME_S, FrameDriver, Step, drive
-from .options import add_model_arguments, add_sampling_arguments, load_model, sampling_from_args
+from .options import (
+    add_model_arguments,
+    add_sampling_arguments,
+    load_model,
+    model_choice,
+    sampling_from_args,
+)
 from .recording import Recorder
 from .wavio import temp_beside
 
@@ -130,6 +136,7 @@ class Chat:
         args = self.args
         _check_args(args)
         sampling = sampling_from_args(args)
+        model_choice(args)  # flag errors before the devices and the model
         devices = choose_devices(self.sd, args.input_device, args.output_device)
         screen = self.screen = make_screen(status_every_s=args.status_every)
         screen.info(f"microphone: {devices.input_name} | speakers: {devices.output_name}")

@@ -94,7 +94,6 @@ class RichScreen:
         self.transcript = ""
         self._stats: dict | None = None
         self._live = None
-        self._ready_message = ""
 
     def info(self, message: str) -> None:
         self.console.print(f"[dim]•[/dim] {message}")
@@ -103,7 +102,6 @@ class RichScreen:
         from rich.live import Live
 
         self.console.print(f"[bold green]●[/bold green] [bold]{message}[/bold]")
-        self._ready_message = message
         self._live = Live(
             self._render(), console=self.console, refresh_per_second=8, transient=False
         )

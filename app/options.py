@@ -131,6 +131,16 @@ def model_name(args: argparse.Namespace, quantization=None) -> str:
     return repo
 
 
+def model_choice(args: argparse.Namespace):
+    """``(name, quantization)`` the model flags ask for: the folder or repo id to load, and the
+    ``Quantization`` to apply while loading (None: as stored). Checks the flags, so commands
+    call it before any slow work."""
+    quantization = quantization_from_args(args)
+    name = model_name(args, quantization)
+    # Without --hf-path, -q picks Kyutai's repo of those settings, quantized already.
+    return name, quantization if args.hf_path is not None else None
+
+
 def load_model(
     args: argparse.Namespace,
     report: Callable[[str], None] = print,
@@ -143,10 +153,7 @@ def load_model(
     from moshi_mlx import hub
     from moshi_mlx.quantize import quantize_report
 
-    quantization = quantization_from_args(args)
-    name = model_name(args, quantization)
-    if args.hf_path is None:
-        quantization = None  # Kyutai's repo of those settings is quantized already
+    name, quantization = model_choice(args)
     start = time.perf_counter()
     report(f"loading {name}")
     if hub.local_folder(name) is None:

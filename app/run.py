@@ -46,9 +46,10 @@ def read_input(path: str | Path) -> tuple[np.ndarray, dict]:
 
 def main(args: argparse.Namespace) -> int:
     from .loop import FRAME, FRAME_S, SAMPLE_RATE, FrameDriver, Step, drive, split_frames
-    from .options import load_model
+    from .options import load_model, model_choice
 
     sampling = sampling_from_args(args)
+    model_choice(args)  # flag errors before any slow work
     out_path = Path(args.output)
     if out_path.is_dir():
         raise MoshiError(f"OUT {out_path} is a folder; give a file name")

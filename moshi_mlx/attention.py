@@ -1,11 +1,12 @@
 """Multi-head self-attention shared by Mimi's transformer, the temporal transformer and the depth
-transformer: each computes its fused ``q, k, v`` projection its own way and calls
-``self_attention``; every attention mask comes from ``attention_mask`` (mlx-lm's builder, which
-asks the KV cache when there is one)."""
+transformer: ``SelfAttention`` for the first two, the depth transformer's per-step projections
+call ``self_attention`` directly; every attention mask comes from ``attention_mask`` (mlx-lm's
+builder, which asks the KV cache when there is one)."""
 
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 
 
@@ -39,3 +40,23 @@ def self_attention(
         k, v = cache.update_and_fetch(k, v)
     out = scaled_dot_product_attention(q, k, v, cache=cache, scale=head_dim**-0.5, mask=mask)
     return out.transpose(0, 2, 1, 3).reshape(B, T, -1)
+
+
+class SelfAttention(nn.Module):
+    """Fused ``in_proj`` (Q, K, V rows) -> ``self_attention`` with RoPE -> ``out_proj``, both
+    without bias; ``linear`` builds the projections (Mimi's choose their kernel per device).
+    The positions of ``x`` start at ``offset`` (default: the cache's step count)."""
+
+    def __init__(self, dim: int, num_heads: int, rope_base: float, linear=nn.Linear):
+        super().__init__()
+        self.num_heads = num_heads
+        self.rope_base = rope_base
+        self.in_proj = linear(dim, 3 * dim, bias=False)
+        self.out_proj = linear(dim, dim, bias=False)
+
+    def __call__(self, x: mx.array, mask, cache=None, offset: int | None = None) -> mx.array:
+        if offset is None:
+            offset = cache.offset if cache is not None else 0
+        qkv = self.in_proj(x)
+        out = self_attention(qkv, self.num_heads, mask, cache, self.rope_base, offset)
+        return self.out_proj(out)

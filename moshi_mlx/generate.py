@@ -11,8 +11,6 @@ from .errors import MoshiError
 from .lm import Lm
 from .sampling import Sampling, token_sampler
 
-STAGES = ("temporal", "depth")  # what ``step(..., timings=...)`` reports
-
 
 class LmGen:
     """Streams Moshi: feed the user's codes of each frame, get Moshi's text and audio back.

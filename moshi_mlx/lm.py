@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import ConcatenateKVCache, RotatingKVCache
 
-from .attention import attention_mask, self_attention
+from .attention import SelfAttention, attention_mask, self_attention
 from .errors import MoshiError
 from .layers import MultiLinear, ZeroEmbedding
 
@@ -159,27 +159,11 @@ class GatedMLP(nn.Module):
         return self.linear_out(nn.silu(gate) * value)
 
 
-class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, max_period: float):
-        super().__init__()
-        self.num_heads = num_heads
-        self.max_period = max_period
-        self.in_proj = nn.Linear(dim, 3 * dim, bias=False)
-        self.out_proj = nn.Linear(dim, dim, bias=False)
-
-    def __call__(self, x: mx.array, mask, cache=None) -> mx.array:
-        offset = cache.offset if cache is not None else 0
-        out = self_attention(
-            self.in_proj(x), self.num_heads, mask, cache, rope_base=self.max_period, offset=offset
-        )
-        return self.out_proj(out)
-
-
 class TransformerLayer(nn.Module):
     def __init__(self, cfg: LmConfig):
         super().__init__()
         self.norm1 = nn.RMSNorm(cfg.dim, eps=1e-8)
-        self.self_attn = Attention(cfg.dim, cfg.num_heads, cfg.max_period)
+        self.self_attn = SelfAttention(cfg.dim, cfg.num_heads, cfg.max_period)
         self.norm2 = nn.RMSNorm(cfg.dim, eps=1e-8)
         self.gating = GatedMLP(cfg.dim, cfg.hidden_dim)
 

@@ -10,7 +10,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import ConcatenateKVCache
 
-from .attention import attention_mask, self_attention
+from .attention import SelfAttention, attention_mask
 from .conv import Linear
 
 
@@ -55,26 +55,11 @@ class RingKVCache(ConcatenateKVCache):
         return create_causal_mask(N, held - N, window_size=window_size)
 
 
-class MimiAttention(nn.Module):
-    def __init__(self, cfg: TransformerConfig):
-        super().__init__()
-        self.num_heads = cfg.num_heads
-        self.max_period = cfg.max_period
-        self.in_proj = Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.out_proj = Linear(cfg.d_model, cfg.d_model, bias=False)
-
-    def __call__(self, x: mx.array, mask, offset: int, cache=None) -> mx.array:
-        out = self_attention(
-            self.in_proj(x), self.num_heads, mask, cache, rope_base=self.max_period, offset=offset
-        )
-        return self.out_proj(out)
-
-
 class MimiTransformerLayer(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.d_model, eps=1e-5)
-        self.self_attn = MimiAttention(cfg)
+        self.self_attn = SelfAttention(cfg.d_model, cfg.num_heads, cfg.max_period, Linear)
         self.norm2 = nn.LayerNorm(cfg.d_model, eps=1e-5)
         self.linear1 = Linear(cfg.d_model, cfg.dim_feedforward, bias=False)
         self.linear2 = Linear(cfg.dim_feedforward, cfg.d_model, bias=False)
@@ -82,7 +67,7 @@ class MimiTransformerLayer(nn.Module):
         self.layer_scale_2 = mx.ones((cfg.d_model,))
 
     def __call__(self, x: mx.array, mask: mx.array, offset: int, cache=None) -> mx.array:
-        x = x + self.layer_scale_1 * self.self_attn(self.norm1(x), mask, offset, cache)
+        x = x + self.layer_scale_1 * self.self_attn(self.norm1(x), mask, cache, offset)
         # Exact erf GELU, as PyTorch's default (upstream MLX uses the tanh approximation).
         return x + self.layer_scale_2 * self.linear2(nn.gelu(self.linear1(self.norm2(x))))
 
