@@ -39,7 +39,13 @@ from moshi_mlx.loading import (
 )
 from moshi_mlx.memory import max_rss_bytes
 from moshi_mlx.quantize import Quantization, QuantizeReport, quantize_report
-from moshi_mlx.weights import CheckpointError, checkpoint_kind, float_dtype, read_safetensors
+from moshi_mlx.weights import (
+    CheckpointError,
+    check_finite,
+    checkpoint_kind,
+    float_dtype,
+    read_safetensors,
+)
 
 from .streaming import plan_shards, shard_names, write_safetensors
 
@@ -237,14 +243,14 @@ def convert(
         weight_map = {}
         for shard, file_name in zip(shards, names, strict=True):
             part = {k: lm.pop(k) for k in shard}
-            write_safetensors(tmp / file_name, part, {"format": "mlx"}, tick)
+            write_safetensors(tmp / file_name, part, {"format": "mlx"}, tick, check_finite)
             weight_map.update(dict.fromkeys(shard, file_name))
         index = {
             "metadata": {"total_size": sum(sizes.values())},
             "weight_map": dict(sorted(weight_map.items())),
         }
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=4))
-        write_safetensors(tmp / MIMI_FILE, mimi, {"format": "mlx"}, tick)
+        write_safetensors(tmp / MIMI_FILE, mimi, {"format": "mlx"}, tick, check_finite)
         shutil.copyfile(files.tokenizer, tmp / files.tokenizer.name)
         save_config(dict(config), tmp / "config.json")
         (tmp / "README.md").write_text(_model_card(out.name, config, source))

@@ -26,9 +26,11 @@ def write_safetensors(
     tensors: dict[str, mx.array],
     metadata: dict[str, str] | None = None,
     on_tensor: Callable[[str, int], None] | None = None,
+    check: Callable[[str, mx.array], None] | None = None,
 ) -> int:
     """Write ``tensors`` (lazy is fine) to ``path`` in safetensors format, evaluating and
-    releasing them one by one; the dict is emptied as they are written. ``on_tensor(name,
+    releasing them one by one; the dict is emptied as they are written. ``check(name, array)``
+    sees each evaluated tensor before it is written (and may raise); ``on_tensor(name,
     nbytes)`` is called after each. Returns the number of data bytes."""
     names = sorted(tensors)
     header: dict = {"__metadata__": metadata} if metadata else {}
@@ -49,6 +51,8 @@ def write_safetensors(
         for name in names:
             a = mx.contiguous(tensors.pop(name))
             mx.eval(a)
+            if check is not None:
+                check(name, a)
             f.write(memoryview(a))
             if on_tensor is not None:
                 on_tensor(name, a.nbytes)

@@ -12,11 +12,21 @@ from mlx_lm.models.cache import ConcatenateKVCache, RotatingKVCache
 from .attention import SelfAttention, attention_mask, self_attention
 from .errors import MoshiError
 from .layers import MultiLinear, ZeroEmbedding
+from .validate import MAX_DELAY, choice, flag, integer, integers, number
 
 _REQUIRED = (
     "dim", "num_heads", "num_layers", "text_card", "card", "n_q", "dep_q", "delays",
     "depformer_dim", "depformer_num_heads", "depformer_num_layers", "depformer_dim_feedforward",
 )  # fmt: skip
+# Upstream options this implementation has one value of: any other is refused, never ignored.
+_UNSUPPORTED_UNLESS = {
+    "gating": ("silu",), "depformer_gating": ("silu",), "positional_embedding": ("rope",),
+    "depformer_pos_emb": ("none",), "norm": ("rms_norm_f32", "real_rms_norm_f32"),
+    "causal": (True,), "depformer_causal": (True,), "layer_scale": (None,),
+    "depformer_layer_scale": (None,), "bias_ff": (False,), "bias_attn": (False,),
+    "cross_attention": (False, None), "conditioners": ({}, None), "extra_heads_num_heads": (0,),
+    "demux_second_stream": (False,),
+}  # fmt: skip
 
 
 @dataclass
@@ -48,44 +58,44 @@ class LmConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> LmConfig:
-        """Read an upstream config dict; unknown keys are ignored, missing required ones named."""
+        """Read an upstream config dict; unknown keys are ignored, missing required ones named,
+        and options we do not implement refused."""
+        if not isinstance(d, dict):
+            raise MoshiError(f"LM config must be an object, got {type(d).__name__}")
         missing = [k for k in _REQUIRED if k not in d]
         if missing:
             raise MoshiError(f"LM config is missing required field(s): {', '.join(missing)}")
-        for key, expected in (
-            ("gating", "silu"),
-            ("depformer_gating", "silu"),
-            ("positional_embedding", "rope"),
-            ("depformer_pos_emb", "none"),
-        ):
-            if d.get(key, expected) != expected:
-                raise MoshiError(
-                    f"LM config: {key}={d[key]!r} is not supported (only {expected!r})"
-                )
-        if d.get("norm", "rms_norm_f32") not in ("rms_norm_f32", "real_rms_norm_f32"):
-            raise MoshiError(f"LM config: norm={d['norm']!r} is not supported (only rms_norm_f32)")
-        if d.get("conditioners") or d.get("cross_attention"):
-            raise MoshiError("LM config: conditioned / cross-attention models are not supported")
+        for key, supported in _UNSUPPORTED_UNLESS.items():
+            if key in d:
+                choice("LM config", key, d[key], supported)
         names = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in names})
         cfg.validate()
         return cfg
 
     def validate(self) -> None:
-        if len(self.delays) != self.n_q + 1:
-            raise MoshiError(
-                f"LM config: delays has {len(self.delays)} entries, "
-                f"expected n_q + 1 = {self.n_q + 1}"
-            )
+        """Every field of the right type and range, and consistent with the others."""
+        what = "LM config"
+        for name in ("dim", "text_card", "n_q", "dep_q", "card", "num_heads", "num_layers",
+                     "context", "depformer_dim", "depformer_dim_feedforward",
+                     "depformer_num_heads", "depformer_num_layers"):  # fmt: skip
+            integer(what, name, getattr(self, name))
+        integer(what, "existing_text_padding_id", self.existing_text_padding_id, 0,
+                self.text_card - 1)  # fmt: skip
+        integer(what, "dep_q", self.dep_q, 1, self.n_q)
+        number(what, "hidden_scale", self.hidden_scale)
+        number(what, "max_period", self.max_period)
+        flag(what, "depformer_multi_linear", self.depformer_multi_linear)
+        flag(what, "depformer_weights_per_step", self.depformer_weights_per_step)
+        integers(what, "delays", self.delays, 0, min(MAX_DELAY, self.context - 1), self.n_q + 1)
         if self.dim % self.num_heads or self.depformer_dim % self.depformer_num_heads:
-            raise MoshiError(
-                "LM config: dim must be a multiple of num_heads (and for the depformer)"
-            )
-        sched = self.depformer_weights_per_step_schedule
-        if sched is not None and len(sched) != self.dep_q:
-            raise MoshiError(
-                f"LM config: depformer_weights_per_step_schedule needs {self.dep_q} entries"
-            )
+            raise MoshiError(f"{what}: dim must be a multiple of num_heads (and for the depformer)")
+        schedule = self.depformer_weights_per_step_schedule
+        if schedule is not None:
+            integers(what, "depformer_weights_per_step_schedule", schedule, 0, self.dep_q - 1,
+                     self.dep_q)  # fmt: skip
+        if self.depformer_low_rank_embeddings is not None:
+            integer(what, "depformer_low_rank_embeddings", self.depformer_low_rank_embeddings)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from .errors import MoshiError
 from .lm import Lm, LmConfig
@@ -22,6 +23,7 @@ from .mimi import Mimi, MimiConfig
 from .quantize import Quantization, quantize_like, quantize_lm
 from .weights import (
     CheckpointError,
+    check_finite,
     checkpoint_kind,
     leaf_modules,
     lm_rules,
@@ -50,26 +52,30 @@ def read_json(path: str | Path, what: str) -> dict:
     return d
 
 
-def as_mimi_config(config: str | Path | dict | MimiConfig | None) -> MimiConfig:
-    """A ``MimiConfig`` from a JSON path, an upstream dict, or None (the released codec)."""
-    if isinstance(config, MimiConfig):
-        return config
+def _config(config, default, from_dict, what: str, source: str | Path | None):
+    """A config object from itself, a dict read from ``source``, a JSON path, or None."""
     if config is None:
-        return MimiConfig()
-    return MimiConfig.from_dict(
-        config if isinstance(config, dict) else read_json(config, "Mimi config")
-    )
+        return default()
+    if not isinstance(config, (dict, str, Path)):
+        return config
+    if not isinstance(config, dict):
+        source, config = config, read_json(config, what)
+    try:
+        return from_dict(config)
+    except MoshiError as e:
+        raise CheckpointError(f"{source}: {e}" if source else str(e)) from None
 
 
-def as_lm_config(config: str | Path | dict | LmConfig | None) -> LmConfig:
-    """An ``LmConfig`` from a JSON path, an upstream dict, or None (Moshi 7B)."""
-    if isinstance(config, LmConfig):
-        return config
-    if config is None:
-        return LmConfig.moshi_7b()
-    return LmConfig.from_dict(
-        config if isinstance(config, dict) else read_json(config, "LM config")
-    )
+def as_mimi_config(config: str | Path | dict | MimiConfig | None, source=None) -> MimiConfig:
+    """A ``MimiConfig`` from a JSON path, an upstream dict (read from ``source``, named in
+    errors), or None (the released codec)."""
+    return _config(config, MimiConfig, MimiConfig.from_dict, "Mimi config", source)
+
+
+def as_lm_config(config: str | Path | dict | LmConfig | None, source=None) -> LmConfig:
+    """An ``LmConfig`` from a JSON path, an upstream dict (read from ``source``, named in
+    errors), or None (Moshi 7B)."""
+    return _config(config, LmConfig.moshi_7b, LmConfig.from_dict, "LM config", source)
 
 
 def load_mimi(
@@ -131,10 +137,14 @@ def load_lm(
 
 def materialize(model: nn.Module, progress: Callable[[int, int], None] | None = None) -> None:
     """Evaluate a lazily built or loaded model one layer at a time, so that float copies of
-    weights being quantized or cast never exist all at once. ``progress(done, total)``."""
-    leaves = [m for _, m in leaf_modules(model)]
-    for i, leaf in enumerate(leaves):
-        mx.eval(leaf.parameters())
+    weights being quantized or cast never exist all at once, and refuse weights that are NaN
+    or infinite. ``progress(done, total)``."""
+    leaves = leaf_modules(model)
+    for i, (path, leaf) in enumerate(leaves):
+        params = tree_flatten(leaf.parameters())
+        mx.eval([v for _, v in params])
+        for name, value in params:
+            check_finite(f"{path}.{name}", value)
         if progress is not None:
             progress(i + 1, len(leaves))
     mx.eval(model.parameters())
@@ -223,23 +233,67 @@ def is_converted(config: dict | None) -> bool:
     return bool(config) and config.get("format") == FORMAT
 
 
-def _named(folder: Path, name: str, what: str) -> Path:
-    path = folder / name
-    if not path.is_file():
-        raise CheckpointError(f"{folder}: the {what} file {name} named by config.json is missing")
-    return path
+class ModelFolder:
+    """A model folder from a stranger: every file its configs name, and every file found in
+    it, must stay inside it. Absolute names, ``..`` and symlinks that resolve outside are
+    refused. A Hugging Face cache snapshot's files are symlinks into its repo's ``blobs/``, so
+    there the repo's cache folder is the boundary."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        hub_repo = path.parent.parent
+        in_hub_cache = path.parent.name == "snapshots" and hub_repo.name.startswith("models--")
+        self.root = (hub_repo if in_hub_cache else path).resolve()
+
+    def _inside(self, path: Path, label: str) -> Path:
+        if not path.resolve().is_relative_to(self.root):
+            raise CheckpointError(
+                f"{self.path}: {label} resolves outside the model folder; refusing to read it"
+            )
+        return path
+
+    def file(self, name, what: str, named_by: str = "config.json") -> Path:
+        """The file ``name`` that ``named_by`` lists as the ``what`` file."""
+        if not isinstance(name, str) or not name:
+            raise CheckpointError(f"{self.path}: {named_by} gives {what} as {name!r}, not a name")
+        rel = Path(name)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise CheckpointError(
+                f"{self.path}: {named_by} names {what} file {name!r} outside the model folder; "
+                "refusing to read it"
+            )
+        path = self._inside(self.path / rel, f"the {what} file {name!r} named by {named_by}")
+        if not path.is_file():
+            raise CheckpointError(
+                f"{self.path}: the {what} file {name} named by {named_by} is missing"
+            )
+        return path
+
+    def glob(self, pattern: str) -> list[Path]:
+        """The folder's files matching ``pattern``, in name order."""
+        return [self._inside(p, f"{p.name}") for p in sorted(self.path.glob(pattern))]
+
+    def optional(self, name: str) -> Path | None:
+        """The folder's file ``name`` if there is one."""
+        path = self.path / name
+        return self._inside(path, name) if path.is_file() else None
 
 
-def _scan(folder: Path) -> tuple[dict[str, list[Path]], bool]:
+def _scan(folder: ModelFolder) -> tuple[dict[str, list[Path]], bool]:
     """Safetensors files of ``folder`` grouped by what their keys say they are, and whether
     the LM files are the shards of one model (an index lists them, or mlx-lm's names)."""
     found: dict[str, list[Path]] = {"lm": [], "mimi": []}
-    index = sorted(folder.glob("*.safetensors.index.json"))
+    index = folder.glob("*.safetensors.index.json")
     if len(index) == 1:
         weight_map = read_json(index[0], "shard index").get("weight_map", {})
-        found["lm"] = [_named(folder, n, "LM shard") for n in sorted(set(weight_map.values()))]
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index[0]}: weight_map must be an object")
+        found["lm"] = [
+            folder.file(n, "LM shard", index[0].name)
+            for n in sorted(set(weight_map.values()), key=str)
+        ]
     sharded = bool(found["lm"])
-    for path in sorted(folder.glob("*.safetensors")):
+    for path in folder.glob("*.safetensors"):
         if path in found["lm"]:
             continue
         kind = checkpoint_kind(read_safetensors(path))
@@ -274,6 +328,14 @@ def _layout(lm_weights: list[Path], config: dict | None) -> str:
     return FORMAT
 
 
+def _section(config: dict, key: str, path: Path) -> dict:
+    """Section ``key`` of a converted folder's config.json (an object)."""
+    value = config.get(key)
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: section {key!r} is missing or not an object; reconvert")
+    return value
+
+
 def find_model_files(
     folder: str | Path | None = None,
     *,
@@ -296,12 +358,13 @@ def find_model_files(
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise MoshiError(f"unknown model part(s) {sorted(unknown)}; parts are {', '.join(PARTS)}")
-    folder = Path(folder).expanduser() if folder is not None else None
+    folder = ModelFolder(Path(folder).expanduser()) if folder is not None else None
     config = None
-    if folder is not None and (folder / "config.json").is_file():
-        config = read_json(folder / "config.json", "config")
+    config_path = folder.optional("config.json") if folder is not None else None
+    if config_path is not None:
+        config = read_json(config_path, "config")
     ours = is_converted(config)
-    names = dict(config.get("files", {})) if ours else {}
+    names = dict(_section(config, "files", config_path)) if ours else {}
     if config and not ours:
         names = {
             "lm": config.get("moshi_name"),
@@ -318,14 +381,14 @@ def find_model_files(
             raise CheckpointError(f"no model folder given: give `{argument}` (or a folder)")
         if names.get(kind):
             listed = names[kind] if isinstance(names[kind], list) else [names[kind]]
-            return [_named(folder, n, f"{kind} weights") for n in listed]
+            return [folder.file(n, f"{kind} weights") for n in listed]
         if scanned is None:
             scanned = _scan(folder)
         found, sharded = scanned
         if kind == "lm" and sharded:
             return found["lm"]
         what = "Moshi LM weights" if kind == "lm" else "Mimi codec weights"
-        return [_one(found[kind], what, folder, argument)]
+        return [_one(found[kind], what, folder.path, argument)]
 
     lm_paths = weights_of("lm", moshi_weights, "moshi_weights") if "lm" in parts else None
     mimi_path = weights_of("mimi", mimi_weights, "mimi_weights")[0] if "mimi" in parts else None
@@ -337,25 +400,28 @@ def find_model_files(
     elif folder is None:
         raise CheckpointError("no model folder given: give `tokenizer` (or a folder)")
     elif names.get("tokenizer"):
-        tok_path = _named(folder, names["tokenizer"], "tokenizer")
+        tok_path = folder.file(names["tokenizer"], "tokenizer")
     else:
-        models = sorted(folder.glob("*.model"))
-        tok_path = _one(models, "text tokenizer (*.model)", folder, "tokenizer")
+        tok_path = _one(
+            folder.glob("*.model"), "text tokenizer (*.model)", folder.path, "tokenizer"
+        )
 
-    if lm_config is None and config is not None:
-        lm_config = config["lm"] if ours else (config if "dim" in config else None)
+    lm_source = mimi_source = None  # where a config dict was read, for error messages
+    if lm_config is None and config is not None and (ours or "dim" in config):
+        lm_config = _section(config, "lm", config_path) if ours else config
+        lm_source = config_path
     if mimi_config is None and ours:
-        mimi_config = config["mimi"]
-    elif mimi_config is None and folder is not None and (folder / MIMI_CONFIG).is_file():
-        mimi_config = folder / MIMI_CONFIG
+        mimi_config, mimi_source = _section(config, "mimi", config_path), config_path
+    elif mimi_config is None and folder is not None:
+        mimi_config = folder.optional(MIMI_CONFIG)
     return ModelFiles(
         lm_weights=lm_paths,
         mimi_weights=mimi_path,
         tokenizer=tok_path,
-        lm_config=as_lm_config(lm_config),
-        mimi_config=as_mimi_config(mimi_config),
+        lm_config=as_lm_config(lm_config, lm_source),
+        mimi_config=as_mimi_config(mimi_config, mimi_source),
         layout=_layout(lm_paths, config) if lm_paths else None,
-        folder=folder,
+        folder=folder.path if folder is not None else None,
         config=config,
     )
 
@@ -451,5 +517,5 @@ def load(
         mimi = load_mimi(files.mimi_weights, files.mimi_config, mimi_device)
         mimi.set_num_codebooks(min(files.lm_config.mimi_codebooks, mimi.cfg.n_q))
         if not lazy:
-            mx.eval(mimi.parameters())
+            materialize(mimi)
     return Model(lm, mimi, tokenizer)

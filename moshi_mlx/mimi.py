@@ -12,6 +12,18 @@ from .errors import MoshiError
 from .quantizer import SplitResidualVectorQuantizer
 from .seanet import SeanetConfig, SeanetDecoder, SeanetEncoder
 from .transformer import MimiTransformer, TransformerConfig
+from .validate import MAX_SIZE, choice, integer, integers, number
+
+# Upstream options this implementation has one value of: any other is refused, never ignored.
+_UNSUPPORTED_UNLESS = {
+    "seanet": {"activation": ("ELU",), "activation_params": ({"alpha": 1.0},),
+               "norm": ("none",), "pad_mode": ("constant",), "causal": (True,),
+               "true_skip": (True,), "n_residual_layers": (1,), "lstm": (0,)},
+    "transformer": {"causal": (True,), "gating": ("none",), "norm": ("layer_norm",),
+                    "positional_embedding": ("rope",), "conv_layout": (True,),
+                    "bias_ff": (False,), "bias_attn": (False,), "cross_attention": (False,)},
+    "quantizer": {},
+}  # fmt: skip
 
 
 def _pick(cls, d: dict) -> dict:
@@ -33,20 +45,19 @@ class MimiConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> MimiConfig:
-        """Read the upstream nested format (``seanet`` / ``transformer`` / ``quantizer``)."""
-        seanet = d.get("seanet", {})
-        tr = d.get("transformer", {})
-        quant = d.get("quantizer", {})
-        for name, sub in (("seanet", seanet), ("transformer", tr), ("quantizer", quant)):
+        """Read the upstream nested format (``seanet`` / ``transformer`` / ``quantizer``);
+        unknown keys are ignored, options we do not implement refused."""
+        if not isinstance(d, dict):
+            raise MoshiError(f"Mimi config must be an object, got {type(d).__name__}")
+        parts = {name: d.get(name, {}) for name in ("seanet", "transformer", "quantizer")}
+        for name, sub in parts.items():
             if not isinstance(sub, dict):
-                raise MoshiError(f"Mimi config field '{name}' must be an object")
-        if seanet.get("n_residual_layers", 1) != 1 or not seanet.get("true_skip", True):
-            raise MoshiError("Mimi config: only n_residual_layers=1 with true_skip is supported")
-        if not seanet.get("causal", True) or not tr.get("causal", True):
-            raise MoshiError("Mimi config: only causal (streamable) codecs are supported")
-        if "d_model" in tr and tr["d_model"] != seanet.get("dimension", tr["d_model"]):
-            raise MoshiError("Mimi config: transformer.d_model must equal seanet.dimension")
-        return cls(
+                raise MoshiError(f"Mimi config: {name} must be an object")
+            for key, supported in _UNSUPPORTED_UNLESS[name].items():
+                if key in sub:
+                    choice("Mimi config", f"{name}.{key}", sub[key], supported)
+        seanet, tr, quant = parts.values()
+        cfg = cls(
             sample_rate=d.get("sample_rate", 24000),
             frame_rate=d.get("frame_rate", 12.5),
             seanet=SeanetConfig(**_pick(SeanetConfig, seanet)),
@@ -55,6 +66,45 @@ class MimiConfig:
             bins=quant.get("bins", 2048),
             codebook_dim=quant.get("dimension", 256),
         )
+        cfg.validate()
+        dim = cfg.seanet.dimension
+        widths = {"transformer.d_model": tr.get("d_model", dim),
+                  "transformer.input_dimension": tr.get("input_dimension", dim),
+                  "quantizer.input_dimension": quant.get("input_dimension", dim),
+                  "quantizer.output_dimension": quant.get("output_dimension", dim)}  # fmt: skip
+        for key, value in widths.items():
+            if value != dim:
+                raise MoshiError(f"Mimi config: {key} must equal seanet.dimension ({dim})")
+        if tr.get("output_dimensions", [dim]) != [dim]:
+            raise MoshiError(f"Mimi config: transformer.output_dimensions must be [{dim}]")
+        return cfg
+
+    def validate(self) -> None:
+        """Every size of the right type and range, and frames that the convolutions tile."""
+        what = "Mimi config"
+        s, t = self.seanet, self.transformer
+        integer(what, "sample_rate", self.sample_rate, 1000, 768_000)
+        number(what, "frame_rate", self.frame_rate)
+        integer(what, "seanet.channels", s.channels, 1, 1)
+        for name in ("dimension", "n_filters", "kernel_size", "residual_kernel_size",
+                     "last_kernel_size", "dilation_base", "compress"):  # fmt: skip
+            integer(what, f"seanet.{name}", getattr(s, name))
+        integers(what, "seanet.ratios", s.ratios, 1, MAX_SIZE)
+        for name in ("num_heads", "num_layers", "dim_feedforward", "context"):
+            integer(what, f"transformer.{name}", getattr(t, name))
+        number(what, "transformer.max_period", t.max_period)
+        number(what, "transformer.layer_scale", t.layer_scale)
+        for name, value in (("quantizer.n_q", self.n_q), ("quantizer.bins", self.bins),
+                            ("quantizer.dimension", self.codebook_dim)):  # fmt: skip
+            integer(what, name, value)
+        if s.dimension % t.num_heads:
+            raise MoshiError(f"{what}: seanet.dimension must be a multiple of num_heads")
+        frame = self.sample_rate / self.frame_rate
+        if frame != round(frame) or round(frame) % s.hop_length or frame < s.hop_length:
+            raise MoshiError(
+                f"{what}: a frame of sample_rate / frame_rate = {frame:g} samples must be a "
+                f"multiple of the product of seanet.ratios ({s.hop_length})"
+            )
 
     def to_dict(self) -> dict:
         s, t = self.seanet, self.transformer

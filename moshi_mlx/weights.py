@@ -8,6 +8,8 @@ files load with the same code. ``convert/`` reuses these tables.
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -188,17 +190,81 @@ def sanitize(weights: dict[str, mx.array], rules) -> dict[str, mx.array]:
     return out
 
 
+# bytes per element of the safetensors dtypes
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2,
+             "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8,
+             "F64": 8}  # fmt: skip
+_MAX_HEADER = 100 << 20  # the format's own limit
+
+
+def check_safetensors(path: Path) -> None:
+    """Validate a safetensors file's header against the format: known dtypes, sizes that
+    match the shapes, and tensors that tile the data exactly (no overlap, no gap, nothing
+    past the end). MLX trusts the header; a hostile one could alias or overrun tensors."""
+    size = path.stat().st_size
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"cannot read {path}: not a valid safetensors file ({why})")
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad("truncated or corrupt: no header")
+        n = int.from_bytes(head, "little")
+        if n > min(_MAX_HEADER, size - 8):
+            raise bad("truncated or corrupt: header larger than the file")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise bad("truncated or corrupt: header is not JSON") from None
+    if not isinstance(header, dict):
+        raise bad("header is not an object")
+    spans = []
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        ok = isinstance(t, dict) and t.get("dtype") in _ITEMSIZE
+        shape, offsets = (t.get("shape"), t.get("data_offsets")) if ok else (None, None)
+        ok = ok and isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+        ok = ok and isinstance(offsets, list) and len(offsets) == 2
+        ok = ok and all(type(o) is int for o in offsets)
+        if not ok:
+            raise bad(f"malformed entry for tensor {name!r}")
+        nbytes = math.prod(shape) * _ITEMSIZE[t["dtype"]]
+        if offsets[1] - offsets[0] != nbytes:
+            raise bad(f"tensor {name!r} holds {offsets[1] - offsets[0]} bytes, its shape {nbytes}")
+        spans.append((offsets[0], offsets[1], name))
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            raise bad(f"tensor {name!r} {'overlaps another' if begin < end else 'leaves a gap'}")
+        end = stop
+    if end != size - 8 - n:
+        raise bad("truncated or corrupt: the tensors do not end where the file does")
+
+
 def read_safetensors(path: str | Path) -> dict[str, mx.array]:
-    """Load a safetensors file lazily, turning unreadable files into a one-line error."""
+    """Load a safetensors file lazily (its header validated first), turning unreadable files
+    into a one-line error."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
+    check_safetensors(path)
     try:
         return mx.load(str(path), format="safetensors")
     except Exception as e:  # MLX raises RuntimeError/ValueError with C++ details
         raise CheckpointError(
             f"cannot read {path}: not a valid safetensors file (truncated or corrupt?): {e}"
         ) from None
+
+
+def check_finite(name: str, value: mx.array) -> None:
+    """One line for a weight holding NaN or infinite values (evaluates it)."""
+    if mx.issubdtype(value.dtype, mx.floating) and not mx.all(mx.isfinite(value)).item():
+        raise CheckpointError(
+            f"weight {name} holds NaN or infinite values: the checkpoint is broken; get a good "
+            "copy of it"
+        )
 
 
 def leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -245,6 +311,13 @@ def load_into(
             raise CheckpointError(
                 f"{source}: {name} has shape {list(value.shape)} but the config gives "
                 f"{list(expected[name].shape)}{why([name])}"
+            )
+        floats = mx.issubdtype(value.dtype, mx.floating)
+        if floats != mx.issubdtype(expected[name].dtype, mx.floating):
+            raise CheckpointError(
+                f"{source}: {name} is stored as {value.dtype} where the model needs "
+                f"{'floating point' if not floats else 'packed integers'} weights; it is not "
+                "a checkpoint of this model"
             )
     if as_dtype is not None:
         weights = {

@@ -229,5 +229,5 @@ def test_config_missing_fields_is_refused(lm_config):
     broken = {k: v for k, v in lm_config.items() if k not in ("dim", "delays")}
     with pytest.raises(ValueError, match="missing required field.*dim.*delays"):
         LmConfig.from_dict(broken)
-    with pytest.raises(ValueError, match="delays has 3 entries"):
+    with pytest.raises(ValueError, match=r"delays must be a list of 17 integers, got \[0, 0, 1\]"):
         LmConfig.from_dict({**lm_config, "delays": [0, 0, 1]})

@@ -1,0 +1,48 @@
+"""Checks of config values read from files, each a one-line ``MoshiError`` naming the field."""
+
+from __future__ import annotations
+
+import math
+
+from .errors import MoshiError
+
+# Bounds far beyond any real model, so that an edited or hostile config fails at once instead
+# of asking for more memory than a machine has (sizes are also checked against memory).
+MAX_SIZE = 1 << 20  # widths, vocabularies, heads, layers
+MAX_DELAY = 256  # steps a stream may lag (Moshi: 1, the 2B: 2)
+
+
+def integer(what: str, field: str, value, low: int = 1, high: int = MAX_SIZE) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise MoshiError(f"{what}: {field} must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def number(what: str, field: str, value, low: float = 0.0) -> float:
+    """A finite number above ``low``."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value <= low:
+        raise MoshiError(f"{what}: {field} must be a finite number above {low:g}, got {value!r}")
+    return value
+
+
+def flag(what: str, field: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise MoshiError(f"{what}: {field} must be true or false, got {value!r}")
+    return value
+
+
+def integers(what: str, field: str, value, low: int, high: int, length: int | None = None):
+    if not isinstance(value, list) or (length is not None and len(value) != length):
+        expected = f"a list of {length} integers" if length is not None else "a list of integers"
+        raise MoshiError(f"{what}: {field} must be {expected}, got {value!r}")
+    for v in value:
+        integer(what, f"{field} entry", v, low, high)
+    return value
+
+
+def choice(what: str, field: str, value, supported: tuple) -> None:
+    """Options we do not implement are refused, never ignored."""
+    if value not in supported:
+        names = ", ".join(repr(s) for s in supported)
+        raise MoshiError(f"{what}: {field}={value!r} is not supported (only {names})")
