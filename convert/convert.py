@@ -13,10 +13,9 @@ nodes, then evaluated and written one tensor at a time.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +24,12 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.utils import MAX_FILE_SIZE_GB, save_config
 
+from moshi_mlx.errors import MoshiWarning
 from moshi_mlx.loading import (
     FORMAT,
     ModelFiles,
     as_dtype,
     find_model_files,
-    is_converted,
     load_lm,
     load_mimi,
     load_tokenizer,
@@ -47,10 +46,16 @@ from moshi_mlx.weights import (
     read_safetensors,
 )
 
+from .output import (
+    INDEX_FILE,
+    MIMI_FILE,
+    check_destination,
+    move_into_place,
+    remove_stale,
+    temp_folder,
+)
 from .streaming import plan_shards, shard_names, write_safetensors
 
-MIMI_FILE = "mimi.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 Progress = Callable[[str, int, int], None]  # (tensor name, bytes done, bytes in total)
 
 
@@ -66,37 +71,6 @@ class ConversionResult:
     seconds: float = 0.0
     peak_memory: int = 0  # bytes, mx.get_peak_memory()
     max_rss: int = 0  # bytes, of this process so far
-
-
-def _check_output(out: Path, force: bool, inputs: list[Path]) -> None:
-    """Refuse to overwrite anything but a previous conversion, and never a folder holding
-    the inputs."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise CheckpointError(f"{out} exists and is not a folder")
-    resolved = out.resolve()
-    for path in inputs:
-        if path.resolve().is_relative_to(resolved):
-            raise CheckpointError(
-                f"{out} holds the input file {path.name}; pick another `mlx_path`"
-            )
-    if not force:
-        raise CheckpointError(f"{out} already exists; pass `force` to replace it")
-    config = out / "config.json"
-    ours = config.is_file() and is_converted(_try_json(config))
-    if not ours and any(out.iterdir()):
-        raise CheckpointError(
-            f"{out} exists and is not a moshi-mlx model folder; refusing to replace it even "
-            "with `force`"
-        )
-
-
-def _try_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _input_files(
@@ -190,7 +164,11 @@ def convert(
     mx.reset_peak_memory()
     out = Path(mlx_path).expanduser()
     files = _input_files(hf_path, moshi_weights, mimi_weights, tokenizer, lm_config, mimi_config)
-    _check_output(out, force, [*files.lm_weights, files.mimi_weights, files.tokenizer])
+    inputs = [*files.lm_weights, files.mimi_weights, files.tokenizer]
+    check_destination(out, force, inputs)
+    for path in remove_stale(out):
+        message = f"removed {path}, left behind by a conversion that was killed"
+        warnings.warn(message, MoshiWarning, stacklevel=2)
     load_tokenizer(files.tokenizer)  # fail now on a bad tokenizer, not after the LM
     # Lazy: the tensors are read, cast and quantized only as they are written.
     lm_model = load_lm(files.lm_weights, files.lm_config, as_dtype(dtype), quantize)
@@ -235,11 +213,8 @@ def convert(
     }
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
+    tmp = temp_folder(out, "converting")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the model folder need not be
         weight_map = {}
         for shard, file_name in zip(shards, names, strict=True):
             part = {k: lm.pop(k) for k in shard}
@@ -254,7 +229,7 @@ def convert(
         shutil.copyfile(files.tokenizer, tmp / files.tokenizer.name)
         save_config(dict(config), tmp / "config.json")
         (tmp / "README.md").write_text(_model_card(out.name, config, source))
-        _replace(tmp, out)
+        move_into_place(tmp, out, force, inputs)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -268,19 +243,3 @@ def convert(
         peak_memory=mx.get_peak_memory(),
         max_rss=max_rss_bytes(),
     )
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an earlier conversion is removed only after."""
-    if not out.exists():
-        tmp.rename(out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    old.rmdir()
-    out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -307,9 +307,8 @@ class Lm(nn.Module):
         predicted); the masks are also False where the code is -1.
         """
         cfg = self.cfg
-        codes = mx.array(codes).astype(mx.int32)
-        if codes.ndim != 3 or codes.shape[1] != cfg.n_q + 1:
-            raise MoshiError(f"codes must be [batch, {cfg.n_q + 1}, time], got {list(codes.shape)}")
+        self.check_codes(codes)
+        codes = codes.astype(mx.int32)
         B, S, T = codes.shape
         delayed = self.delay(codes)
         initial = self.initial_tokens()[None, :, None]
@@ -344,6 +343,28 @@ class Lm(nn.Module):
             text_mask,
             mx.stack(audio_mask, axis=1),
         )
+
+    def check_codes(self, codes) -> None:
+        """``MoshiError`` unless ``codes`` is an integer ``[B, n_q + 1, T]`` mx.array with text
+        ids in [-1, text_card) and audio codes in [-1, card): the embeddings gather with them,
+        and an id past a table would read other memory."""
+        cfg = self.cfg
+        if not isinstance(codes, mx.array) or not mx.issubdtype(codes.dtype, mx.integer):
+            kind = (
+                f"{codes.dtype} mx.array" if isinstance(codes, mx.array) else type(codes).__name__
+            )
+            raise MoshiError(f"`codes` must be an integer mx.array, got {kind}")
+        if codes.ndim != 3 or codes.shape[1] != cfg.n_q + 1 or 0 in codes.shape:
+            raise MoshiError(
+                f"`codes` must be [batch, {cfg.n_q + 1}, time], got {list(codes.shape)}"
+            )
+        for name, rows, card in (("text", codes[:, :1], cfg.text_card),
+                                 ("audio", codes[:, 1:], cfg.card)):  # fmt: skip
+            lo, hi = mx.min(rows).item(), mx.max(rows).item()
+            if lo < -1 or hi >= card:
+                raise MoshiError(
+                    f"`codes`: {name} ids must be in [-1, {card}), got values in [{lo}, {hi}]"
+                )
 
     def initial_tokens(self) -> mx.array:
         """Start token of each stream: ``text_card`` for text, ``card`` for audio."""

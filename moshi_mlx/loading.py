@@ -108,7 +108,7 @@ def load_mimi(
 def load_lm(
     weights: str | Path | Sequence[str | Path],
     config: str | Path | dict | LmConfig | None = None,
-    dtype: mx.Dtype | None = mx.float32,
+    dtype: str | mx.Dtype | None = mx.float32,
     quantize: Quantization | None = None,
 ) -> Lm:
     """The LM from a released PyTorch checkpoint, one of Kyutai's MLX files (bf16, q8 or q4) or
@@ -124,7 +124,7 @@ def load_lm(
     model = Lm(cfg)
     params, source = read_lm_weights(weights, cfg)
     stored = quantize_like(model, params)
-    load_into(model, params, source, as_dtype=dtype, hint=lm_config_hint)
+    load_into(model, params, source, as_dtype=as_dtype(dtype), hint=lm_config_hint)
     if quantize is not None:
         if stored is not None:
             raise CheckpointError(

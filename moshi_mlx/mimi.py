@@ -133,6 +133,11 @@ class MimiConfig:
         return self.frame_size // self.seanet.hop_length
 
 
+def _kind(x) -> str:
+    """What a bad argument is, for error messages."""
+    return f"{x.dtype} mx.array" if isinstance(x, mx.array) else type(x).__name__
+
+
 def reset_streaming(module: nn.Module) -> None:
     """Forget all streaming state (conv buffers, KV caches) below ``module``."""
     for _, m in module.named_modules():
@@ -160,6 +165,8 @@ class Mimi(nn.Module):
         self.decoder_transformer = MimiTransformer(cfg.transformer)
         self.decoder = SeanetDecoder(cfg.seanet)
         self.num_codebooks = cfg.n_q
+        self._encode_batch: int | None = None  # batch sizes of the running streams
+        self._decode_batch: int | None = None
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -186,24 +193,48 @@ class Mimi(nn.Module):
     # -- checks ------------------------------------------------------------------------------
 
     def _check_pcm(self, pcm: mx.array, streaming: bool) -> None:
-        if pcm.ndim != 3 or pcm.shape[1] != 1:
-            raise MoshiError(f"pcm must be [batch, 1, samples] (mono), got shape {list(pcm.shape)}")
+        if not isinstance(pcm, mx.array) or not mx.issubdtype(pcm.dtype, mx.floating):
+            raise MoshiError(
+                f"`pcm` must be a float mx.array [batch, 1, samples], got {_kind(pcm)}"
+            )
+        if pcm.ndim != 3 or pcm.shape[1] != 1 or pcm.shape[0] < 1:
+            raise MoshiError(
+                f"`pcm` must be [batch, 1, samples] (mono), got shape {list(pcm.shape)}"
+            )
         n = pcm.shape[2]
         if streaming and (n == 0 or n % self.frame_size):
             raise MoshiError(
                 f"encode_step takes a positive multiple of {self.frame_size} samples, got {n}"
             )
         if n == 0:
-            raise MoshiError("pcm is empty")
+            raise MoshiError("`pcm` is empty")
+        if streaming:
+            self._encode_batch = self._same_batch("encode_step", self._encode_batch, pcm.shape[0])
 
-    def _check_codes(self, codes: mx.array) -> None:
-        if codes.ndim != 3:
-            raise MoshiError(f"codes must be [batch, codebooks, frames], got {list(codes.shape)}")
+    def _check_codes(self, codes: mx.array, streaming: bool) -> None:
+        if not isinstance(codes, mx.array) or not mx.issubdtype(codes.dtype, mx.integer):
+            raise MoshiError(
+                "`codes` must be an integer mx.array [batch, codebooks, frames], got "
+                f"{_kind(codes)}"
+            )
+        if codes.ndim != 3 or codes.shape[0] < 1:
+            raise MoshiError(f"`codes` must be [batch, codebooks, frames], got {list(codes.shape)}")
         k = codes.shape[1]
         if not 1 <= k <= self.cfg.n_q:
-            raise MoshiError(f"codes have {k} codebooks; this Mimi decodes 1 to {self.cfg.n_q}")
+            raise MoshiError(f"`codes` have {k} codebooks; this Mimi decodes 1 to {self.cfg.n_q}")
         if codes.size and (mx.min(codes).item() < 0 or mx.max(codes).item() >= self.cfg.bins):
-            raise MoshiError(f"codes must be in [0, {self.cfg.bins}); got values outside")
+            raise MoshiError(f"`codes` must be in [0, {self.cfg.bins}); got values outside")
+        if streaming:
+            self._decode_batch = self._same_batch("decode_step", self._decode_batch, codes.shape[0])
+
+    @staticmethod
+    def _same_batch(call: str, started: int | None, batch: int) -> int:
+        if started is not None and batch != started:
+            raise MoshiError(
+                f"{call} got a batch of {batch} but this stream started with {started}; call "
+                "reset() to start a new stream"
+            )
+        return batch
 
     # -- batch ---------------------------------------------------------------------------------
 
@@ -224,7 +255,7 @@ class Mimi(nn.Module):
 
     def decode_latent(self, codes: mx.array) -> mx.array:
         """Codes ``[B, K, F]`` -> quantized latent ``[B, dim, F]``."""
-        self._check_codes(codes)
+        self._check_codes(codes, streaming=False)
         return self.quantizer.decode(codes.transpose(0, 2, 1)).transpose(0, 2, 1)
 
     def decode(self, codes: mx.array) -> mx.array:
@@ -253,7 +284,7 @@ class Mimi(nn.Module):
         ``check=False`` skips the range check of the codes (a host sync), for codes that come
         straight from the LM."""
         if check:
-            self._check_codes(codes)
+            self._check_codes(codes, streaming=True)
         x = self.quantizer.decode(codes.transpose(0, 2, 1))
         x = self.decoder_transformer.step(self.upsample.step(x))
         return self.decoder.step(x).transpose(0, 2, 1)
@@ -261,3 +292,4 @@ class Mimi(nn.Module):
     def reset(self) -> None:
         """Start a new stream: clears every conv buffer and KV cache (encoder and decoder)."""
         reset_streaming(self)
+        self._encode_batch = self._decode_batch = None

@@ -52,8 +52,11 @@ class DuplexSession:
 
     def step(self, pcm: np.ndarray) -> FrameResult:
         """Process one frame of user audio (``[1920]`` float32 at 24 kHz)."""
-        if np.size(pcm) != self.frame_size:
-            raise MoshiError(f"a frame is {self.frame_size} samples, got {np.size(pcm)}")
+        if not isinstance(pcm, np.ndarray) or pcm.dtype.kind != "f" or pcm.size != self.frame_size:
+            raise MoshiError(
+                f"`pcm` must be a float numpy array of {self.frame_size} samples, got "
+                f"{getattr(pcm, 'shape', type(pcm).__name__)}"
+            )
         user = self.encode(pcm)
         # Codes from Mimi are valid by construction: no host check, one evaluation per frame.
         out = self.gen.step(user, check=False)

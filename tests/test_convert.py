@@ -278,7 +278,7 @@ def test_force_replaces_only_an_earlier_conversion(tmp_path, pytorch_repo):
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="not a moshi-mlx model folder"):
+    with pytest.raises(ValueError, match="`force` would delete notes.txt"):
         convert(pytorch_repo, precious, force=True)
     with pytest.raises(ValueError, match="holds the input file"):
         convert(pytorch_repo, pytorch_repo, force=True)
