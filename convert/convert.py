@@ -29,6 +29,7 @@ from moshi_mlx.loading import (
     FORMAT,
     ModelFiles,
     as_dtype,
+    check_tokenizer,
     find_model_files,
     load_lm,
     load_mimi,
@@ -169,7 +170,8 @@ def convert(
     for path in remove_stale(out):
         message = f"removed {path}, left behind by a conversion that was killed"
         warnings.warn(message, MoshiWarning, stacklevel=2)
-    load_tokenizer(files.tokenizer)  # fail now on a bad tokenizer, not after the LM
+    # fail now on a bad tokenizer, not after the LM
+    check_tokenizer(load_tokenizer(files.tokenizer), files.lm_config, files.tokenizer)
     # Lazy: the tensors are read, cast and quantized only as they are written.
     lm_model = load_lm(files.lm_weights, files.lm_config, as_dtype(dtype), quantize)
     report = quantize_report(lm_model)

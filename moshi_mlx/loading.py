@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .errors import MoshiError
+from .errors import MoshiError, MoshiWarning
 from .lm import Lm, LmConfig
 from .mimi import Mimi, MimiConfig
 from .quantize import Quantization, quantize_like, quantize_lm
@@ -464,6 +465,26 @@ def load_tokenizer(path: str | Path):
         raise CheckpointError(f"{path} is not a SentencePiece tokenizer model: {detail}") from None
 
 
+def check_tokenizer(tokenizer, cfg: LmConfig, path: Path) -> None:
+    """One ``MoshiWarning`` line for a tokenizer that does not fit the LM: fewer pieces than
+    the LM has text ids (those would show as nothing), or another padding id."""
+    pieces = tokenizer.get_piece_size()
+    if pieces < cfg.text_card:
+        warnings.warn(
+            f"{path} has {pieces} pieces but the LM writes {cfg.text_card} text ids: it is not "
+            "this model's tokenizer, and the text past its pieces will not show",
+            MoshiWarning,
+            stacklevel=2,
+        )
+    elif tokenizer.pad_id() != cfg.existing_text_padding_id:
+        warnings.warn(
+            f"{path} pads with id {tokenizer.pad_id()} but the LM with "
+            f"{cfg.existing_text_padding_id}: it is probably not this model's tokenizer",
+            MoshiWarning,
+            stacklevel=2,
+        )
+
+
 def as_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
     """``"bfloat16"`` / ``"float16"`` / ``"float32"`` (or an ``mx.Dtype``, or None) -> dtype."""
     if dtype is None or isinstance(dtype, mx.Dtype):
@@ -509,6 +530,7 @@ def load(
     lm = mimi = tokenizer = None
     if files.tokenizer is not None:
         tokenizer = load_tokenizer(files.tokenizer)
+        check_tokenizer(tokenizer, files.lm_config, files.tokenizer)
     if files.lm_weights is not None:
         lm = load_lm(files.lm_weights, files.lm_config, dtype=as_dtype(dtype), quantize=quantize)
         if not lazy:

@@ -35,30 +35,35 @@ def run_python(code: str, **kwargs) -> subprocess.CompletedProcess:
                           cwd=Path(__file__).parent, **kwargs)  # fmt: skip
 
 
-# A few sentences are enough for a tiny sentencepiece model with the same special ids as
-# Moshi's (0 unk / end of padding, 1 <s>, 2 </s>, 3 <pad>).
-_SPM_TEXT = (
-    """hello there how are you doing today
+# A word-level sentencepiece model with Moshi's special ids (0 unk / end of padding, 1 <s>, 2
+# </s>, 3 <pad>) and as many pieces as the fixture LM has text ids: these sentences' words
+# first, then made-up words. Trains in a tenth of a second.
+_SPM_TEXT = """hello there how are you doing today
 i am fine thank you and you
 the weather is nice and the sun is shining
 moshi listens and speaks at the same time
 full duplex speech models can interrupt and be interrupted
 """
-    * 20
-)
 
 
-def train_tiny_spm(folder: Path, vocab_size: int = 64) -> Path:
+def train_spm(folder: Path, vocab_size: int = 32000) -> Path:
+    import random
+    import string
+
     import sentencepiece as spm
 
+    rng = random.Random(0)
+    made_up = {"".join(rng.choices(string.ascii_lowercase, k=rng.randint(4, 10)))
+               for _ in range(vocab_size + 1000)}  # fmt: skip
+    words = sorted(made_up)
     folder.mkdir(parents=True, exist_ok=True)
     corpus = folder / "corpus.txt"
-    corpus.write_text(_SPM_TEXT)
-    prefix = folder / "tiny_spm"
+    lines = [_SPM_TEXT * 5] + [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
+    corpus.write_text("\n".join(lines) + "\n")
+    prefix = folder / "spm"
     spm.SentencePieceTrainer.train(
         input=str(corpus), model_prefix=str(prefix), vocab_size=vocab_size,
-        pad_id=3, unk_id=0, bos_id=1, eos_id=2, model_type="unigram",
-        minloglevel=2, hard_vocab_limit=False,
+        pad_id=3, unk_id=0, bos_id=1, eos_id=2, model_type="word", minloglevel=2,
     )  # fmt: skip
     return prefix.with_suffix(".model")
 
@@ -80,7 +85,7 @@ def lm_config() -> dict:
 
 @pytest.fixture(scope="session")
 def spm_model(tmp_path_factory) -> Path:
-    return train_tiny_spm(tmp_path_factory.mktemp("spm"))
+    return train_spm(tmp_path_factory.mktemp("spm"))
 
 
 @pytest.fixture(scope="session")

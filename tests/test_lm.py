@@ -194,7 +194,7 @@ def test_text_streamer_shows_words_and_hides_padding(spm_model):
     streamer = TextStreamer(sp)
     assert streamer.decode(streamed).strip() == "hello there how are you"
     assert streamer.piece(3) == "" and streamer.piece(0) == ""
-    assert streamer.piece(31999) == ""  # an id the tokenizer does not have
+    assert streamer.piece(32000) == ""  # an id the tokenizer does not have
     assert streamer.piece(ids[0]).startswith(" ")
 
 
