@@ -45,6 +45,9 @@ class LmConfig:
     delays: list[int] = field(
         default_factory=lambda: [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]
     )
+    # Ours, not upstream's: trained to take a voice and a text prompt before the conversation
+    # (NVIDIA PersonaPlex); see ``LmGen.system_prompt``.
+    persona: bool = False
 
     @classmethod
     def from_dict(cls, d: dict) -> LmConfig:
@@ -67,7 +70,17 @@ class LmConfig:
         if d.get("conditioners") or d.get("cross_attention"):
             raise MoshiError("LM config: conditioned / cross-attention models are not supported")
         names = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        d = {k: v for k, v in d.items() if k in names}
+        if _predicts_user_stream(d):
+            # PersonaPlex says dep_q = n_q: its depformer also predicts the user's codebooks,
+            # which are always given. We generate Moshi's half only (the weights' extra steps
+            # are dropped while loading, see ``weights.drop_user_depformer_steps``).
+            half = d["n_q"] // 2
+            d["dep_q"], d["persona"] = half, True
+            schedule = d.get("depformer_weights_per_step_schedule")
+            if schedule:
+                d["depformer_weights_per_step_schedule"] = schedule[:half]
+        cfg = cls(**d)
         cfg.validate()
         return cfg
 
@@ -94,6 +107,12 @@ class LmConfig:
     def moshi_7b(cls) -> LmConfig:
         """Moshiko / Moshika 7B (``moshi_7b_202409.json``)."""
         return cls()
+
+    @classmethod
+    def personaplex_7b(cls) -> LmConfig:
+        """NVIDIA PersonaPlex 7B (``nvidia/personaplex-7b-v1``): Moshiko's architecture, run
+        with Moshi's 8 generated codebooks, trained for system prompts."""
+        return cls(persona=True)
 
     @classmethod
     def moshi_2b(cls) -> LmConfig:
@@ -141,6 +160,19 @@ class LmConfig:
     def mimi_codebooks(self) -> int:
         """Mimi codebooks the model needs: enough to encode the user and decode Moshi."""
         return max(self.dep_q, self.n_user)
+
+
+def _predicts_user_stream(d: dict) -> bool:
+    """Whether an upstream config's depformer covers all ``n_q`` audio codebooks of a
+    full-duplex model: two halves (Moshi's, the user's) with the same delays."""
+    n_q, delays = d["n_q"], d["delays"]
+    half = n_q // 2
+    return (
+        d["dep_q"] == n_q
+        and n_q % 2 == 0
+        and len(delays) == n_q + 1
+        and delays[1 : 1 + half] == delays[1 + half :]
+    )
 
 
 def _gated_hidden(dim_feedforward: int, dim: int) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +17,15 @@ from typing import NamedTuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from .errors import MoshiError
+from .errors import MoshiError, MoshiWarning
 from .lm import Lm, LmConfig
 from .mimi import Mimi, MimiConfig
 from .quantize import Quantization, quantize_like, quantize_lm
 from .weights import (
     CheckpointError,
     checkpoint_kind,
+    depformer_steps,
+    drop_user_depformer_steps,
     leaf_modules,
     lm_rules,
     load_into,
@@ -61,12 +64,17 @@ def as_mimi_config(config: str | Path | dict | MimiConfig | None) -> MimiConfig:
     )
 
 
-def as_lm_config(config: str | Path | dict | LmConfig | None) -> LmConfig:
-    """An ``LmConfig`` from a JSON path, an upstream dict, or None (Moshi 7B)."""
+def as_lm_config(
+    config: str | Path | dict | LmConfig | None, weights: Sequence[Path] = ()
+) -> LmConfig:
+    """An ``LmConfig`` from a JSON path, an upstream dict, or None: Moshi 7B, or PersonaPlex 7B
+    when the checkpoint ``weights`` (paths) have its depformer predicting the user's stream."""
     if isinstance(config, LmConfig):
         return config
     if config is None:
-        return LmConfig.moshi_7b()
+        keys = [k for path in weights for k in read_safetensors(path)]
+        moshi = LmConfig.moshi_7b()
+        return LmConfig.personaplex_7b() if depformer_steps(keys) > moshi.dep_q else moshi
     return LmConfig.from_dict(
         config if isinstance(config, dict) else read_json(config, "LM config")
     )
@@ -107,16 +115,17 @@ def load_lm(
 ) -> Lm:
     """The LM from a released PyTorch checkpoint, one of Kyutai's MLX files (bf16, q8 or q4) or
     a converted file (or the list of its shards). ``config``: JSON path, dict in upstream
-    format, or None for Moshi 7B.
+    format, or None for Moshi 7B (PersonaPlex 7B if the weights are PersonaPlex's).
 
     Unquantized weights are cast to ``dtype`` (float32 by default, the exact path; pass
     ``mx.bfloat16`` for speed, or None to keep the file's dtype). Quantized files keep their
     bits and group size, read from the tensor shapes; ``quantize`` quantizes a float model
     (``quantize_lm``'s rules). Nothing is read from disk until used (``materialize``).
     """
-    cfg = as_lm_config(config)
+    paths = [Path(weights)] if isinstance(weights, (str, Path)) else [Path(p) for p in weights]
+    cfg = as_lm_config(config, paths)
     model = Lm(cfg)
-    params, source = read_lm_weights(weights, cfg)
+    params, source = read_lm_weights(paths, cfg)
     stored = quantize_like(model, params)
     load_into(model, params, source, as_dtype=dtype, hint=lm_config_hint)
     if quantize is not None:
@@ -144,7 +153,8 @@ def read_lm_weights(
     weights: str | Path | Sequence[str | Path], cfg: LmConfig
 ) -> tuple[dict[str, mx.array], str]:
     """Lazily read LM weights (one file or shards) into our parameter names; also returns a
-    name for error messages."""
+    name for error messages. PersonaPlex's depformer steps for the user's stream are dropped,
+    with one ``MoshiWarning``."""
     paths = [Path(weights)] if isinstance(weights, (str, Path)) else [Path(p) for p in weights]
     raw: dict[str, mx.array] = {}
     for path in paths:
@@ -158,7 +168,15 @@ def read_lm_weights(
             )
         raw.update(part)
     source = str(paths[0]) if len(paths) == 1 else f"{paths[0].parent} ({len(paths)} shards)"
-    return sanitize(raw, lm_rules(cfg.schedule)), source
+    params, dropped = drop_user_depformer_steps(sanitize(raw, lm_rules(cfg.schedule)), cfg)
+    if dropped:
+        warnings.warn(
+            f"{source}: depformer steps {dropped[0]}-{dropped[-1]} predict only the user's "
+            "audio and are ignored; running at Moshiko's cost",
+            MoshiWarning,
+            stacklevel=2,
+        )
+    return params, source
 
 
 def wrong_checkpoint(path: Path, weights: dict, wanted: str) -> str:
@@ -290,8 +308,8 @@ def find_model_files(
     Reads, in order: explicit arguments; the folder's ``config.json`` (ours, or upstream's LM
     config with optional ``moshi_name`` / ``mimi_name`` / ``tokenizer_name``); otherwise the
     weight files are told apart by their keys and the tokenizer is the folder's ``*.model``.
-    The LM config defaults to Moshi 7B, the Mimi config to ``mimi_config.json`` when present,
-    else the released codec.
+    The LM config defaults to Moshi 7B (PersonaPlex 7B for PersonaPlex's weights), the Mimi
+    config to ``mimi_config.json`` when present, else the released codec.
     """
     unknown = set(parts) - set(PARTS)
     if unknown:
@@ -352,7 +370,7 @@ def find_model_files(
         lm_weights=lm_paths,
         mimi_weights=mimi_path,
         tokenizer=tok_path,
-        lm_config=as_lm_config(lm_config),
+        lm_config=as_lm_config(lm_config, lm_paths or ()),
         mimi_config=as_mimi_config(mimi_config),
         layout=_layout(lm_paths, config) if lm_paths else None,
         folder=folder,
