@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 
 import moshi_mlx
 from moshi_mlx import LmConfig, LmGen
-from moshi_mlx.errors import MoshiWarning
+from moshi_mlx.errors import MoshiError, MoshiWarning
 from moshi_mlx.loading import as_lm_config
 
 PERSONA_DIR = FIXTURES / "persona"
@@ -171,3 +171,108 @@ def test_without_a_config_persona_weights_mean_personaplex_7b():
     assert as_lm_config(None, [WEIGHTS]) == LmConfig.personaplex_7b()
     assert as_lm_config(None, [LM_DIR / "weights.safetensors"]) == LmConfig.moshi_7b()
     assert LmConfig.personaplex_7b().dep_q == 8
+
+
+# ---- teacher forcing, call by call -----------------------------------------------------------
+
+CONVERSATION = 4  # call_phase of the conversation calls
+
+
+def nvidia_arguments(io, i: int) -> dict:
+    """NVIDIA's call ``i`` as our step's keywords (-100: not given)."""
+    agent, text = io["call_arg_agent"][i : i + 1], io["call_arg_text"][i : i + 1]
+    return {
+        "moshi_codes": None if (agent < 0).any().item() else agent,
+        "text_token": None if (text < 0).any().item() else text,
+    }
+
+
+def test_call_by_call_forcing_reproduces_nvidia(lm, io):
+    """Every call of NVIDIA's run (prompt phases, then conversation): the same model input
+    and outputs, text logits, and depth-transformer logits in the conversation.
+
+    In the prompt phases NVIDIA's depformer is fed the text and codebook 0 given at its
+    *next* call (it runs one call late); a step cannot know those, and they cannot matter:
+    every token the prompt's depformer samples is replaced by a given one. The forcing
+    itself is checked against those logits in the next test."""
+    gen = LmGen(lm, temp=0, temp_text=0)
+    phase = np.array(io["call_phase"])
+    for i in range(phase.size - 1):
+        out = gen.step(io["call_arg_user"][i : i + 1], **nvidia_arguments(io, i))
+        j = i + 1
+        assert np.array_equal(np.array(gen.last_input[0]), np.array(io["call_model_input"][j]))
+        # NVIDIA's rows 0..8 (text, Moshi's audio); dep8_out: its run stopped at step 8.
+        ref = np.array(io["dep8_out"][j, :9])
+        assert np.array_equal(ref, np.array(io["call_out"][j, :9]))
+        assert (out is None) == (ref[0] == -100)
+        assert out is None or np.array_equal(np.array(out[0]), ref)
+        assert max_err(gen.last_text_logits[0], io["call_text_logits"][j]) < TOL
+        if phase[j] == CONVERSATION:
+            audio = mx.stack(gen.last_audio_logits, axis=1)[0]
+            assert max_err(audio, io["call_dep_logits"][j, :8]) < TOL
+
+
+def test_depformer_forcing_matches_nvidia_given_its_target_column(lm, io):
+    """Fed NVIDIA's given tokens of each call (``call_target`` where ``call_provided``), our
+    depformer gives its logits for all 42 model calls, prompt phases included; forced tokens
+    replace the samples and feed the next codebook."""
+    calls = io["call_model_input"].shape[0]
+    x = io["call_model_input"][1:].T[None].astype(mx.int32)  # the 42 model inputs [1, 17, 42]
+    z, _ = lm.temporal(lm.embed(x))  # teacher forced: 42 steps fit the 64-step window
+    assert max_err(z[0], io["call_transformer_out"][1:]) < TOL
+    gen = LmGen(lm, temp=0, temp_text=0)
+    for j in range(1, calls):
+        provided = io["call_provided"][j, :9]
+        forced = mx.where(provided, io["call_target"][j, :9], 0).astype(mx.int32)[None]
+        text = mx.argmax(io["call_text_logits"][j])[None]
+        produced, logits = gen.depformer_step(
+            z[:, j - 1 : j], text, forced, provided, mx.random.key(0)
+        )
+        assert max_err(logits[0], io["call_dep_logits"][j, :8]) < TOL
+        audio = mx.where(provided[1:], forced[0, 1:], io["call_dep_tokens"][j, :8])
+        assert produced[0, 0].item() == io["call_dep_text_in"][j].item()
+        assert mx.array_equal(produced[0, 1:], audio).item()
+
+
+class TracingGen(LmGen):
+    traces = 0
+
+    def depformer_step(self, *args):
+        TracingGen.traces += 1  # runs only while mx.compile traces the graph
+        return super().depformer_step(*args)
+
+
+def test_forced_and_free_steps_share_one_compiled_depformer(lm):
+    gen = TracingGen(lm, seed=3)
+    user = mx.zeros((1, 8), mx.int32)
+    moshi, text = mx.full((1, 8), 7, mx.int32), mx.array([5])
+    for given in ({}, {"moshi_codes": moshi}, {"text_token": text}, {},
+                  {"moshi_codes": moshi, "text_token": text}, {}):  # fmt: skip
+        out = gen.step(user, **given)
+    mx.eval(out)
+    assert gen.offset == 6 and TracingGen.traces == 1
+
+
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        ({"moshi_codes": mx.zeros((1, 7), mx.int32)}, r"moshi_codes must be \[batch, 8\]"),
+        ({"moshi_codes": mx.full((1, 8), 2048, mx.int32)}, r"moshi_codes must be in \[0, 2048\)"),
+        ({"moshi_codes": mx.zeros((1, 8))}, "moshi_codes must be integers"),
+        ({"moshi_codes": mx.zeros((2, 8), mx.int32)}, "differ in batch size"),
+        ({"text_token": mx.zeros((1, 1), mx.int32)}, r"text_token must be \[batch\]"),
+        ({"text_token": mx.array([128])}, r"text_token must be in \[0, 128\)"),
+        ({"text_token": [3]}, "text_token must be an mx.array"),
+    ],
+)
+def test_given_tokens_are_checked(lm, given, message):
+    gen = LmGen(lm, temp=0, temp_text=0)
+    with pytest.raises(MoshiError, match=message):
+        gen.step(mx.zeros((1, 8), mx.int32), **given)
+
+
+def test_given_tokens_keep_the_conversation_batch_size(lm):
+    gen = LmGen(lm, temp=0, temp_text=0)
+    gen.step(mx.zeros((1, 8), mx.int32))
+    with pytest.raises(MoshiError, match="text_token has batch size 2 but this conversation"):
+        gen.step(mx.zeros((1, 8), mx.int32), text_token=mx.array([3, 3]))
