@@ -1,18 +1,30 @@
 """Full-duplex streaming generation: one call per 80 ms frame, as upstream's ``LMGen.step``, with
-optional teacher forcing of Moshi's own tokens."""
+optional teacher forcing of Moshi's own tokens, and NVIDIA PersonaPlex's system prompt."""
 
 from __future__ import annotations
 
 import secrets
 import time
+import warnings
 
 import mlx.core as mx
 
-from .errors import MoshiError
+from .errors import MoshiError, MoshiWarning
 from .lm import Lm
 from .sampling import Sampling, token_sampler
 
 STAGES = ("temporal", "depth")  # what ``step(..., timings=...)`` reports
+
+# The two constant Mimi frames of PersonaPlex's system prompt (``SILENCE_TOKENS`` and
+# ``SINE_TOKENS`` of NVIDIA's lm.py): Moshi's audio during the prompt's silences and text, and
+# the user's audio during the whole prompt (named after the 440 Hz tone NVIDIA uses as the
+# user's placeholder).
+SILENCE_FRAME = (948, 243, 1178, 546, 1736, 1030, 1978, 2008)
+SINE_FRAME = (430, 1268, 381, 1611, 1095, 1495, 56, 472)
+
+# Prompt steps per batched temporal pass. Any size gives the same result through the rolling
+# cache; this bounds the attention scores' memory ([heads, chunk, context + chunk]).
+PREFILL_CHUNK = 256
 
 
 class LmGen:
@@ -23,6 +35,7 @@ class LmGen:
     ``max_delay`` calls). User codes passed at step ``t`` are read at step ``t + delay`` (those
     of step 0 never reach the model), exactly as upstream's PyTorch ``LMGen``. Moshi's own
     audio and text can be given the same way (teacher forcing); what is not given is sampled.
+    ``system_prompt`` runs PersonaPlex's voice and text prompt before the conversation.
 
     Sampling is a ``Sampling`` (or its fields as keywords: ``LmGen(lm, temp=0, seed=1)``); the
     generator owns its random state, so two generators never disturb each other and one with
@@ -228,3 +241,104 @@ class LmGen:
             prev = mx.where(mask[k + 1], forced[:, k + 1], sampled)
             produced.append(prev)
         return mx.stack(produced, axis=1), mx.stack(logits, axis=1)
+
+    # -- PersonaPlex's system prompt -----------------------------------------------------------
+
+    def system_prompt(
+        self,
+        voice_codes: mx.array | None = None,
+        text_tokens=None,
+        silence_frames: int = 6,
+    ) -> None:
+        """Teacher-force NVIDIA PersonaPlex's system prompt at the start of a conversation
+        (after ``reset``, as NVIDIA does); the conversation then goes on with ``step``.
+
+        The sequence is NVIDIA's: one frame per voice-prompt frame (Moshi's audio = the voice
+        codes, its text = padding), ``silence_frames`` frames of Moshi silence, one frame per
+        text-prompt token (Moshi silent, its text = the token), ``silence_frames`` more
+        frames of silence; the user's audio is ``SINE_FRAME`` throughout.
+
+        ``voice_codes``: Mimi codes ``[B, dep_q, F]`` of a recording of the voice
+        (``persona.voice_prompt_from_pcm``); ``text_tokens``: token ids of the text prompt
+        (``persona.text_prompt_tokens``), the same for the whole batch. The result is that of
+        stepping the frames one by one (same KV cache, delay buffer, offset and random state:
+        each frame consumes a step's randomness), but all frames except the last run as one
+        batched pass of the temporal transformer, without the depth transformer, since every
+        token it could sample is given. Warns (``MoshiWarning``) on a model not trained for
+        prompts.
+        """
+        frames = self._prompt_frames(voice_codes, text_tokens, silence_frames)
+        if not self.cfg.persona:
+            warnings.warn(
+                "this model was not trained for system prompts (it is not PersonaPlex); "
+                "prompting it anyway",
+                MoshiWarning,
+                stacklevel=2,
+            )
+        if not frames:
+            return
+        self._prefill([self._given_streams(*frame, check=False) for frame in frames[:-1]])
+        user, moshi, text = frames[-1]
+        self.step(user, moshi_codes=moshi, text_token=text, check=False)
+
+    def _prompt_frames(self, voice_codes, text_tokens, silence_frames: int) -> list[tuple]:
+        """``(user_codes, moshi_codes, text_token)`` of every prompt frame, checked."""
+        cfg = self.cfg
+        if cfg.dep_q != len(SILENCE_FRAME) or cfg.n_user != len(SINE_FRAME):
+            raise MoshiError(
+                f"system prompts need {len(SILENCE_FRAME)} audio codebooks per stream "
+                f"(PersonaPlex's layout); this model has {cfg.dep_q} + {cfg.n_user}"
+            )
+        if isinstance(silence_frames, bool) or not isinstance(silence_frames, int):
+            raise MoshiError(f"silence_frames must be an integer, got {silence_frames!r}")
+        if silence_frames < 0:
+            raise MoshiError(f"silence_frames must be >= 0, got {silence_frames}")
+        batch = self._batch or 1
+        voice = []
+        if voice_codes is not None:
+            voice_codes = mx.array(voice_codes)
+            self._check_codes(
+                "voice_codes", voice_codes, ("batch", cfg.dep_q, "frames"), cfg.card, "Mimi codes"
+            )
+            self._check_batch("voice_codes", voice_codes.shape[0])
+            batch = voice_codes.shape[0]
+            voice = [voice_codes[:, :, f] for f in range(voice_codes.shape[2])]
+        text = []
+        if text_tokens is not None and mx.array(text_tokens).size:
+            text_tokens = mx.array(text_tokens)
+            self._check_codes(
+                "text_tokens", text_tokens, ("tokens",), cfg.text_card, "text token ids"
+            )
+            text = [mx.full((batch,), token, mx.int32) for token in text_tokens.tolist()]
+        user = mx.broadcast_to(mx.array(SINE_FRAME, mx.int32), (batch, cfg.n_user))
+        silence = mx.broadcast_to(mx.array(SILENCE_FRAME, mx.int32), (batch, cfg.dep_q))
+        pad = mx.full((batch,), cfg.existing_text_padding_id, mx.int32)
+        spacer = [(user, silence, pad)] * silence_frames
+        return (
+            [(user, codes, pad) for codes in voice]
+            + spacer
+            + [(user, silence, token) for token in text]
+            + spacer
+        )
+
+    def _prefill(self, frames: list[dict[int, mx.array]]) -> None:
+        """Advance through ``frames`` (given tokens of each) as ``step`` would, running the
+        temporal transformer once over all of them (in chunks of ``PREFILL_CHUNK``).
+
+        Valid when each frame and the one after it give Moshi's text and audio: then nothing
+        the depth transformer would sample survives, and it is skipped.
+        """
+        if not frames:
+            return
+        inputs = []
+        for given in frames:
+            self._write_given(given)
+            inputs.append(self.model_input(self._batch))
+            self.offset += 1
+            self.key = mx.random.split(self.key, 3)[0]  # the randomness a step consumes
+        x = mx.stack(inputs, axis=2)  # [B, n_q + 1, T]
+        chunk = min(PREFILL_CHUNK, self.cfg.context)
+        for start in range(0, x.shape[2], chunk):
+            self.lm.temporal(self.lm.embed(x[:, :, start : start + chunk]), self.cache)
+            mx.eval([c.keys for c in self.cache], [c.values for c in self.cache])
+        mx.eval(self.key)

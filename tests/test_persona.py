@@ -276,3 +276,132 @@ def test_given_tokens_keep_the_conversation_batch_size(lm):
     gen.step(mx.zeros((1, 8), mx.int32))
     with pytest.raises(MoshiError, match="text_token has batch size 2 but this conversation"):
         gen.step(mx.zeros((1, 8), mx.int32), text_token=mx.array([3, 3]))
+
+
+# ---- system prompt ---------------------------------------------------------------------------
+
+
+def nvidia_prompt(io) -> tuple:
+    """``system_prompt``'s arguments for the prompt of NVIDIA's run."""
+    return (
+        io["prompt_voice_codes"],
+        io["prompt_text_tokens"].tolist(),
+        io["audio_silence_frame_cnt"].item(),
+    )
+
+
+def test_system_prompt_then_conversation_reproduces_nvidia(lm, io):
+    phase = np.array(io["call_phase"])
+    first = int(np.argmax(phase == CONVERSATION))  # NVIDIA's first conversation call
+    gen = LmGen(lm, temp=0, temp_text=0)
+    gen.system_prompt(*nvidia_prompt(io))
+    assert gen.offset == first
+    # The prompt's last frame is a step: NVIDIA's first conversation call.
+    assert np.array_equal(np.array(gen.last_input[0]), np.array(io["call_model_input"][first]))
+    assert max_err(gen.last_text_logits[0], io["call_text_logits"][first]) < TOL
+    audio = mx.stack(gen.last_audio_logits, axis=1)[0]
+    assert max_err(audio, io["call_dep_logits"][first, :8]) < TOL
+    for k in range(phase.size - 1 - first):
+        out = gen.step(io["user_codes"][k : k + 1])
+        j = first + k + 1
+        assert np.array_equal(np.array(out[0]), np.array(io["call_out"][j, :9]))
+        assert max_err(gen.last_text_logits[0], io["call_text_logits"][j]) < TOL
+        audio = mx.stack(gen.last_audio_logits, axis=1)[0]
+        assert max_err(audio, io["call_dep_logits"][j, :8]) < TOL
+
+
+def step_through_prompt(gen, io, voice, text, silence) -> None:
+    """The prompt frame by frame through ``step``, in NVIDIA's order (voice, silence, text,
+    silence), the user's side always the sine frame."""
+    batch = voice.shape[0]
+    sine = mx.broadcast_to(io["sine_tokens"][None], (batch, 8))
+    quiet = mx.broadcast_to(io["silence_tokens"][None], (batch, 8))
+    pad = mx.full((batch,), 3, mx.int32)
+    frames = [(voice[:, :, f], pad) for f in range(voice.shape[2])] + [(quiet, pad)] * silence
+    frames += [(quiet, mx.full((batch,), t, mx.int32)) for t in text] + [(quiet, pad)] * silence
+    for moshi, token in frames:
+        gen.step(sine, moshi_codes=moshi, text_token=token)
+
+
+def in_time_order(cache) -> tuple[mx.array, mx.array]:
+    """Keys and values of a rolling KV cache, oldest first."""
+    keys, values = cache.keys_and_values()
+    if cache.offset > keys.shape[2]:  # a full ring: the oldest entry is at the write index
+        shift = cache.state[5] % keys.shape[2]
+        keys, values = mx.roll(keys, -shift, axis=2), mx.roll(values, -shift, axis=2)
+    return keys, values
+
+
+def synthetic_prompt(frames: int, tokens: int, batch: int) -> tuple:
+    rng = np.random.default_rng(frames)
+    voice = mx.array(rng.integers(0, 2048, (batch, 8, frames)))
+    return voice, rng.integers(4, 128, tokens).tolist(), 6
+
+
+@pytest.mark.parametrize(
+    "prompt, chunk",
+    [
+        ("nvidia", 256),
+        ("past the window", 256),  # 101 frames > context 64: chunks of 64
+        ("past the window", 7),
+    ],
+)
+def test_batched_prefill_leaves_the_state_stepping_leaves(lm, io, monkeypatch, prompt, chunk):
+    monkeypatch.setattr(moshi_mlx.generate, "PREFILL_CHUNK", chunk)
+    voice, text, silence = nvidia_prompt(io) if prompt == "nvidia" else synthetic_prompt(80, 9, 2)
+    prefilled, stepped = LmGen(lm, seed=5), LmGen(lm, seed=5)  # sampling: randomness must agree
+    prefilled.system_prompt(voice, text, silence)
+    step_through_prompt(stepped, io, voice, text, silence)
+    assert prefilled.offset == stepped.offset
+    assert prompt == "nvidia" or prefilled.offset > lm.cfg.context  # the window has rolled
+    assert mx.array_equal(prefilled.key, stepped.key).item()
+    for a, b in zip(prefilled.cache, stepped.cache, strict=True):
+        assert a.offset == b.offset
+        for x, y in zip(in_time_order(a), in_time_order(b), strict=True):
+            assert x.shape == y.shape and max_err(x, y) < TOL
+    user = np.random.default_rng(1).integers(0, 2048, (12, voice.shape[0], 8))
+    for frame in user:
+        out_a, out_b = prefilled.step(mx.array(frame)), stepped.step(mx.array(frame))
+        assert np.array_equal(np.array(out_a), np.array(out_b))
+        assert max_err(prefilled.last_text_logits, stepped.last_text_logits) < TOL
+
+
+def test_system_prompt_on_a_model_not_trained_for_it_warns_once(lm, io):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LmGen(lm, temp=0).system_prompt(*nvidia_prompt(io))
+        moshiko = moshi_mlx.load_lm(LM_DIR / "weights.safetensors", LM_DIR / "config.json")
+        assert not moshiko.cfg.persona
+        gen = LmGen(moshiko, temp=0, temp_text=0)
+        gen.system_prompt(text_tokens=[5, 6, 7], silence_frames=2)
+    assert [str(w.message) for w in caught if issubclass(w.category, MoshiWarning)] == [
+        "this model was not trained for system prompts (it is not PersonaPlex); prompting it anyway"
+    ]
+    assert gen.offset == 7 and gen.step(mx.zeros((1, 8), mx.int32)).shape == (1, 9)
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        (
+            {"voice_codes": mx.zeros((1, 7, 3), mx.int32)},
+            r"voice_codes must be \[batch, 8, frames\]",
+        ),
+        ({"voice_codes": mx.full((1, 8, 3), 2048)}, r"voice_codes must be in \[0, 2048\)"),
+        ({"voice_codes": mx.zeros((1, 8, 3))}, "voice_codes must be integers"),
+        ({"text_tokens": [5, 200]}, r"text_tokens must be in \[0, 128\)"),
+        ({"text_tokens": [[5, 6]]}, r"text_tokens must be \[tokens\]"),
+        ({"silence_frames": -1}, "silence_frames must be >= 0"),
+        ({"silence_frames": 1.5}, "silence_frames must be an integer"),
+    ],
+)
+def test_system_prompt_arguments_are_checked(lm, prompt, message):
+    with pytest.raises(MoshiError, match=message):
+        LmGen(lm).system_prompt(**prompt)
+
+
+def test_system_prompt_keeps_the_conversation_batch_size(lm):
+    gen = LmGen(lm)
+    gen.step(mx.zeros((1, 8), mx.int32))
+    with pytest.raises(MoshiError, match="voice_codes has batch size 2 but this conversation"):
+        gen.system_prompt(mx.zeros((2, 8, 3), mx.int32))
