@@ -11,17 +11,19 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import FIXTURES, LM_DIR
+from conftest import FIXTURES, LM_DIR, MIMI_DIR
 from mlx.utils import tree_flatten
 
 import moshi_mlx
-from moshi_mlx import LmConfig, LmGen
+from moshi_mlx import LmConfig, LmGen, persona
 from moshi_mlx.errors import MoshiError, MoshiWarning
 from moshi_mlx.loading import as_lm_config
+from moshi_mlx.loudness import normalize_loudness
 
 PERSONA_DIR = FIXTURES / "persona"
 WEIGHTS = PERSONA_DIR / "weights.safetensors"
@@ -405,3 +407,113 @@ def test_system_prompt_keeps_the_conversation_batch_size(lm):
     gen.step(mx.zeros((1, 8), mx.int32))
     with pytest.raises(MoshiError, match="voice_codes has batch size 2 but this conversation"):
         gen.system_prompt(mx.zeros((2, 8, 3), mx.int32))
+
+
+# ---- prompts: text, voice, voice files -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mimi():
+    return moshi_mlx.load_mimi(MIMI_DIR / "weights.safetensors", MIMI_DIR / "config.json")
+
+
+def voice_recording(samples: int, seed: int = 0) -> np.ndarray:
+    """Noise bursts under a syllable-like envelope, as float32 at 24 kHz."""
+    rng = np.random.default_rng(seed)
+    envelope = np.repeat(rng.uniform(0, 0.5, samples // 2400 + 1), 2400)[:samples]
+    return (rng.standard_normal(samples) * envelope).astype(np.float32)
+
+
+def test_persona_models_are_told_by_their_config():
+    assert persona.is_persona_model(SimpleNamespace(cfg=LmConfig.personaplex_7b()))
+    assert not persona.is_persona_model(SimpleNamespace(cfg=LmConfig.moshi_7b()))
+
+
+def test_text_prompt_is_wrapped_in_system_tags_then_tokenized(spm_model):
+    import sentencepiece
+
+    wrap = persona.wrap_with_system_tags
+    assert wrap("  You enjoy a good talk. \n") == "<system> You enjoy a good talk. <system>"
+    assert wrap("<system> Be brief. <system>") == "<system> Be brief. <system>"
+    assert wrap("<system> Be brief.") == "<system> <system> Be brief. <system>"
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
+    tokens = persona.text_prompt_tokens(sp, "hello there ")
+    assert tokens == sp.encode("<system> hello there <system>") and len(tokens) > 2
+
+
+def encode_frames(mimi, pcm: np.ndarray) -> mx.array:
+    """``pcm`` zero-padded to whole frames, encoded frame by frame from a fresh stream."""
+    frame = mimi.frame_size
+    pcm = np.pad(pcm, (0, -pcm.size % frame))
+    mimi.reset()
+    codes = [
+        mimi.encode_step(mx.array(pcm[i : i + frame])[None, None])
+        for i in range(0, pcm.size, frame)
+    ]
+    return mx.concatenate(codes, axis=2)[:, :8]
+
+
+def test_voice_prompt_is_normalised_framed_and_leaves_mimi_fresh(mimi):
+    frame = mimi.frame_size
+    pcm = voice_recording(5 * frame + 700)
+    codes = persona.voice_prompt_from_pcm(mimi, pcm, 24000)
+    first = mx.array(pcm[:frame])[None, None]
+    after = mimi.encode_step(first)
+    mimi.reset()
+    assert mx.array_equal(after, mimi.encode_step(first)).item()  # Mimi was reset afterwards
+    # NVIDIA's preparation by hand: -24 LUFS, the last frame zero-padded, frame by frame.
+    assert codes.shape == (1, 8, 6)
+    assert mx.array_equal(codes, encode_frames(mimi, normalize_loudness(pcm, 24000))).item()
+    # The level of the recording does not matter (it would without normalisation).
+    assert mx.array_equal(persona.voice_prompt_from_pcm(mimi, pcm / 4, 24000), codes).item()
+    assert not mx.array_equal(encode_frames(mimi, pcm / 4), codes).item()
+
+
+def test_voice_prompt_needs_mono_audio_at_mimi_rate(mimi):
+    with pytest.raises(MoshiError, match="resample it to 24000 Hz"):
+        persona.voice_prompt_from_pcm(mimi, voice_recording(24000), 16000)
+    with pytest.raises(MoshiError, match=r"mono samples \[T\]"):
+        persona.voice_prompt_from_pcm(mimi, np.zeros((2, 24000), np.float32), 24000)
+
+
+def test_voice_prompt_drives_the_system_prompt(lm, mimi, spm_model):
+    import sentencepiece
+
+    codes = persona.voice_prompt_from_pcm(mimi, voice_recording(6 * 1920), 24000)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
+    text = persona.text_prompt_tokens(sp, "hello")
+    gen = LmGen(lm, temp=0, temp_text=0)
+    gen.system_prompt(codes, text)
+    assert gen.offset == 6 + 6 + len(text) + 6
+    assert gen.step(mx.zeros((1, 8), mx.int32)).shape == (1, 9)
+
+
+def test_voice_prompt_file_round_trip(mimi, tmp_path):
+    codes = mx.array(np.random.default_rng(0).integers(0, 2048, (1, 8, 5)))
+    persona.save_voice_prompt(tmp_path / "voice.safetensors", codes, mimi)
+    loaded = persona.load_voice_prompt(tmp_path / "voice.safetensors", mimi)
+    assert loaded.dtype == mx.int32 and mx.array_equal(loaded, codes).item()
+
+
+def test_voice_prompt_files_of_other_kinds_are_refused(mimi, tmp_path):
+    good = {"format": persona.VOICE_PROMPT_FORMAT, "sample_rate": "24000", "frame_size": "1920"}
+    codes = {"codes": mx.zeros((1, 8, 2), mx.int32)}
+    (tmp_path / "NATF0.pt").write_bytes(b"\x80\x02pickle")
+    mx.save_safetensors(str(tmp_path / "khz16.safetensors"), codes,
+                        metadata={**good, "sample_rate": "16000", "card": "2048"})  # fmt: skip
+    mx.save_safetensors(str(tmp_path / "wide.safetensors"), {"codes": mx.zeros((1, 16, 2))},
+                        metadata={**good, "card": "2048"})  # fmt: skip
+    (tmp_path / "noise.safetensors").write_bytes(b"not safetensors at all")
+    for name, message in [
+        ("NATF0.pt", r"torch pickles, which we never load; make a voice prompt from a WAV"),
+        ("khz16.safetensors", "made for another codec: sample_rate 16000"),
+        ("wide.safetensors", r"codes have shape \[1, 16, 2\]"),
+        ("noise.safetensors", "not a safetensors file"),
+        ("missing.safetensors", "voice prompt not found"),
+    ]:
+        with pytest.raises(MoshiError, match=message):
+            persona.load_voice_prompt(tmp_path / name, mimi)
+    with pytest.raises(MoshiError, match="not a voice prompt made by save_voice_prompt"):
+        persona.load_voice_prompt(WEIGHTS, mimi)
+    with pytest.raises(MoshiError, match=r"must be \[1, 8, frames\]"):
+        persona.save_voice_prompt(tmp_path / "v.safetensors", mx.zeros((1, 7, 2)), mimi)
