@@ -6,6 +6,7 @@ from __future__ import annotations
 import secrets
 import time
 import warnings
+from collections.abc import Sequence
 
 import mlx.core as mx
 
@@ -247,7 +248,7 @@ class LmGen:
     def system_prompt(
         self,
         voice_codes: mx.array | None = None,
-        text_tokens=None,
+        text_tokens: Sequence[int] | mx.array | None = None,
         silence_frames: int = 6,
     ) -> None:
         """Teacher-force NVIDIA PersonaPlex's system prompt at the start of a conversation
@@ -304,8 +305,8 @@ class LmGen:
             batch = voice_codes.shape[0]
             voice = [voice_codes[:, :, f] for f in range(voice_codes.shape[2])]
         text = []
-        if text_tokens is not None and mx.array(text_tokens).size:
-            text_tokens = mx.array(text_tokens)
+        text_tokens = mx.array([] if text_tokens is None else text_tokens)
+        if text_tokens.size:  # an empty list is no text prompt
             self._check_codes(
                 "text_tokens", text_tokens, ("tokens",), cfg.text_card, "text token ids"
             )
