@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import warnings
 from types import SimpleNamespace
 
@@ -167,6 +168,22 @@ def test_converted_persona_model_keeps_dep_q_8_and_its_persona_flag(lm, tmp_path
     again, caught = load_recording_warnings(tmp_path / "model.safetensors", config)
     assert caught == [] and again.cfg == lm.cfg
     assert_same_params(again, lm)
+
+
+def test_persona_folder_loads_with_one_warning(tmp_path, spm_model):
+    # Laid out like nvidia/personaplex-7b-v1, plus the tiny model's configs.
+    shutil.copy(WEIGHTS, tmp_path / "model.safetensors")
+    shutil.copy(CONFIG, tmp_path / "config.json")
+    shutil.copy(
+        MIMI_DIR / "weights.safetensors", tmp_path / "tokenizer-e351c8d8-checkpoint125.safetensors"
+    )
+    shutil.copy(MIMI_DIR / "config.json", tmp_path / "mimi_config.json")
+    shutil.copy(spm_model, tmp_path / "tokenizer_spm_32k_3.model")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lm, mimi, _ = moshi_mlx.load(tmp_path)
+    assert [w.category for w in caught] == [MoshiWarning]
+    assert (lm.cfg.dep_q, lm.cfg.persona, mimi.num_codebooks) == (8, True, 8)
 
 
 def test_without_a_config_persona_weights_mean_personaplex_7b():
