@@ -17,14 +17,15 @@ from types import SimpleNamespace
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import FIXTURES, LM_DIR, MIMI_DIR
+from conftest import FIXTURES, FULL_SIZE_KEYS, LM_DIR, MIMI_DIR
 from mlx.utils import tree_flatten
 
 import moshi_mlx
-from moshi_mlx import LmConfig, LmGen, persona
+from moshi_mlx import Lm, LmConfig, LmGen, persona
 from moshi_mlx.errors import MoshiError, MoshiWarning
 from moshi_mlx.loading import as_lm_config
 from moshi_mlx.loudness import normalize_loudness
+from moshi_mlx.weights import drop_user_depformer_steps, lm_rules, sanitize
 
 PERSONA_DIR = FIXTURES / "persona"
 WEIGHTS = PERSONA_DIR / "weights.safetensors"
@@ -184,6 +185,35 @@ def test_persona_folder_loads_with_one_warning(tmp_path, spm_model):
         lm, mimi, _ = moshi_mlx.load(tmp_path)
     assert [w.category for w in caught] == [MoshiWarning]
     assert (lm.cfg.dep_q, lm.cfg.persona, mimi.num_codebooks) == (8, True, 8)
+
+
+def personaplex_7b_keys() -> dict[str, list[int]]:
+    """The released PersonaPlex checkpoint's keys and shapes: Moshiko 7B's with a 16-step
+    depformer (NVIDIA's LMModel with dep_q 16)."""
+    layout = json.loads((FULL_SIZE_KEYS / "moshi_7b_keys.json").read_text())["checkpoint_layout"]
+    keys = {k: v["shape"] for k, v in layout.items()}
+    for name, shape in list(keys.items()):
+        per_step = re.fullmatch(r"(depformer_in|linears|.+\.gating)\.(\d+)\.(.+)", name)
+        if per_step:
+            keys[f"{per_step[1]}.{int(per_step[2]) + 8}.{per_step[3]}"] = shape
+        elif re.fullmatch(r"depformer\..+\.(in_proj_weight|out_proj\.weight)", name):
+            keys[name] = [2 * shape[0], shape[1]]
+    for k in range(7, 15):  # the embeddings of codebooks 7..14, inputs of steps 8..15
+        keys[f"depformer_emb.{k}.weight"] = keys["depformer_emb.0.weight"]
+    return keys
+
+
+def test_every_released_personaplex_key_maps_onto_the_7b_at_dep_q_8():
+    keys = personaplex_7b_keys()
+    assert len(keys) == 355 + 8 + 8 + 8 + 6 * 8 * 2
+    assert sum(np.prod(s) for s in keys.values()) == 8_371_408_896  # the release's 8.37 B
+    cfg = LmConfig.personaplex_7b()
+    stand_ins = {k: mx.zeros(shape, mx.bfloat16) for k, shape in keys.items()}  # never allocated
+    mapped, dropped = drop_user_depformer_steps(sanitize(stand_ins, lm_rules(cfg.schedule)), cfg)
+    assert dropped == list(range(8, 16))
+    expected = {k: v.shape for k, v in tree_flatten(Lm(cfg).parameters())}
+    assert {k: v.shape for k, v in mapped.items()} == expected
+    assert sum(np.prod(s) for s in expected.values()) == 7_687_729_152  # Moshiko's size
 
 
 def test_without_a_config_persona_weights_mean_personaplex_7b():
