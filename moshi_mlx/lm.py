@@ -55,6 +55,9 @@ class LmConfig:
     delays: list[int] = field(
         default_factory=lambda: [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]
     )
+    # Ours, not upstream's: trained to take a voice and a text prompt before the conversation
+    # (NVIDIA PersonaPlex); see ``LmGen.system_prompt``.
+    persona: bool = False
 
     @classmethod
     def from_dict(cls, d: dict) -> LmConfig:
@@ -69,7 +72,17 @@ class LmConfig:
             if key in d:
                 choice("LM config", key, d[key], supported)
         names = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        d = {k: v for k, v in d.items() if k in names}
+        if _predicts_user_stream(d):
+            # PersonaPlex says dep_q = n_q: its depformer also predicts the user's codebooks,
+            # which are always given. We generate Moshi's half only (the weights' extra steps
+            # are dropped while loading, see ``weights.drop_user_depformer_steps``).
+            half = d["n_q"] // 2
+            d["dep_q"], d["persona"] = half, True
+            schedule = d.get("depformer_weights_per_step_schedule")
+            if schedule:
+                d["depformer_weights_per_step_schedule"] = schedule[:half]
+        cfg = cls(**d)
         cfg.validate()
         return cfg
 
@@ -87,6 +100,7 @@ class LmConfig:
         number(what, "max_period", self.max_period)
         flag(what, "depformer_multi_linear", self.depformer_multi_linear)
         flag(what, "depformer_weights_per_step", self.depformer_weights_per_step)
+        flag(what, "persona", self.persona)
         integers(what, "delays", self.delays, 0, min(MAX_DELAY, self.context - 1), self.n_q + 1)
         if self.dim % self.num_heads or self.depformer_dim % self.depformer_num_heads:
             raise MoshiError(f"{what}: dim must be a multiple of num_heads (and for the depformer)")
@@ -104,6 +118,12 @@ class LmConfig:
     def moshi_7b(cls) -> LmConfig:
         """Moshiko / Moshika 7B (``moshi_7b_202409.json``)."""
         return cls()
+
+    @classmethod
+    def personaplex_7b(cls) -> LmConfig:
+        """NVIDIA PersonaPlex 7B (``nvidia/personaplex-7b-v1``): Moshiko's architecture, run
+        with Moshi's 8 generated codebooks, trained for system prompts."""
+        return cls(persona=True)
 
     @classmethod
     def moshi_2b(cls) -> LmConfig:
@@ -151,6 +171,21 @@ class LmConfig:
     def mimi_codebooks(self) -> int:
         """Mimi codebooks the model needs: enough to encode the user and decode Moshi."""
         return max(self.dep_q, self.n_user)
+
+
+def _predicts_user_stream(d: dict) -> bool:
+    """Whether an upstream config's depformer covers all ``n_q`` audio codebooks of a
+    full-duplex model: two halves (Moshi's, the user's) with the same delays."""
+    n_q, delays = d["n_q"], d["delays"]
+    if type(n_q) is not int or not isinstance(delays, list):
+        return False  # validate() names the field
+    half = n_q // 2
+    return (
+        d["dep_q"] == n_q
+        and n_q % 2 == 0
+        and len(delays) == n_q + 1
+        and delays[1 : 1 + half] == delays[1 + half :]
+    )
 
 
 def _gated_hidden(dim_feedforward: int, dim: int) -> int:

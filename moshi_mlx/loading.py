@@ -26,6 +26,8 @@ from .weights import (
     CheckpointError,
     check_finite,
     checkpoint_kind,
+    depformer_steps,
+    drop_user_depformer_steps,
     leaf_modules,
     lm_rules,
     load_into,
@@ -73,9 +75,16 @@ def as_mimi_config(config: str | Path | dict | MimiConfig | None, source=None) -
     return _config(config, MimiConfig, MimiConfig.from_dict, "Mimi config", source)
 
 
-def as_lm_config(config: str | Path | dict | LmConfig | None, source=None) -> LmConfig:
+def as_lm_config(
+    config: str | Path | dict | LmConfig | None, source=None, weights: Sequence[Path] = ()
+) -> LmConfig:
     """An ``LmConfig`` from a JSON path, an upstream dict (read from ``source``, named in
-    errors), or None (Moshi 7B)."""
+    errors), or None: Moshi 7B, or PersonaPlex 7B when the checkpoint ``weights`` (paths)
+    have its depformer predicting the user's stream."""
+    if config is None and weights:
+        keys = [k for path in weights for k in read_safetensors(path)]
+        if depformer_steps(keys) > LmConfig.moshi_7b().dep_q:
+            return LmConfig.personaplex_7b()
     return _config(config, LmConfig.moshi_7b, LmConfig.from_dict, "LM config", source)
 
 
@@ -114,16 +123,17 @@ def load_lm(
 ) -> Lm:
     """The LM from a released PyTorch checkpoint, one of Kyutai's MLX files (bf16, q8 or q4) or
     a converted file (or the list of its shards). ``config``: JSON path, dict in upstream
-    format, or None for Moshi 7B.
+    format, or None for Moshi 7B (PersonaPlex 7B if the weights are PersonaPlex's).
 
     Unquantized weights are cast to ``dtype`` (float32 by default, the exact path; pass
     ``mx.bfloat16`` for speed, or None to keep the file's dtype). Quantized files keep their
     bits and group size, read from the tensor shapes; ``quantize`` quantizes a float model
     (``quantize_lm``'s rules). Nothing is read from disk until used (``materialize``).
     """
-    cfg = as_lm_config(config)
+    paths = [Path(weights)] if isinstance(weights, (str, Path)) else [Path(p) for p in weights]
+    cfg = as_lm_config(config, weights=paths)
     model = Lm(cfg)
-    params, source = read_lm_weights(weights, cfg)
+    params, source = read_lm_weights(paths, cfg)
     stored = quantize_like(model, params)
     load_into(model, params, source, as_dtype=as_dtype(dtype), hint=lm_config_hint)
     if quantize is not None:
@@ -155,7 +165,8 @@ def read_lm_weights(
     weights: str | Path | Sequence[str | Path], cfg: LmConfig
 ) -> tuple[dict[str, mx.array], str]:
     """Lazily read LM weights (one file or shards) into our parameter names; also returns a
-    name for error messages."""
+    name for error messages. PersonaPlex's depformer steps for the user's stream are dropped,
+    with one ``MoshiWarning``."""
     paths = [Path(weights)] if isinstance(weights, (str, Path)) else [Path(p) for p in weights]
     raw: dict[str, mx.array] = {}
     for path in paths:
@@ -169,7 +180,15 @@ def read_lm_weights(
             )
         raw.update(part)
     source = str(paths[0]) if len(paths) == 1 else f"{paths[0].parent} ({len(paths)} shards)"
-    return sanitize(raw, lm_rules(cfg.schedule)), source
+    params, dropped = drop_user_depformer_steps(sanitize(raw, lm_rules(cfg.schedule)), cfg)
+    if dropped:
+        warnings.warn(
+            f"{source}: depformer steps {dropped[0]}-{dropped[-1]} predict only the user's "
+            "audio and are ignored; running at Moshiko's cost",
+            MoshiWarning,
+            stacklevel=2,
+        )
+    return params, source
 
 
 def wrong_checkpoint(path: Path, weights: dict, wanted: str) -> str:
@@ -353,8 +372,8 @@ def find_model_files(
     Reads, in order: explicit arguments; the folder's ``config.json`` (ours, or upstream's LM
     config with optional ``moshi_name`` / ``mimi_name`` / ``tokenizer_name``); otherwise the
     weight files are told apart by their keys and the tokenizer is the folder's ``*.model``.
-    The LM config defaults to Moshi 7B, the Mimi config to ``mimi_config.json`` when present,
-    else the released codec.
+    The LM config defaults to Moshi 7B (PersonaPlex 7B for PersonaPlex's weights), the Mimi
+    config to ``mimi_config.json`` when present, else the released codec.
     """
     unknown = set(parts) - set(PARTS)
     if unknown:
@@ -419,7 +438,7 @@ def find_model_files(
         lm_weights=lm_paths,
         mimi_weights=mimi_path,
         tokenizer=tok_path,
-        lm_config=as_lm_config(lm_config, lm_source),
+        lm_config=as_lm_config(lm_config, lm_source, lm_paths or ()),
         mimi_config=as_mimi_config(mimi_config, mimi_source),
         layout=_layout(lm_paths, config) if lm_paths else None,
         folder=folder.path if folder is not None else None,

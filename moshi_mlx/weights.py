@@ -131,6 +131,12 @@ def lm_rules(schedule: list[int]) -> list[tuple[str, Callable[[re.Match], Mapped
     step; PyTorch stacks the sets along axis 0 of each attention projection).
     """
     slice_ = r"depformer\.slices\.(\d+)\."
+
+    def weight_set(step: str) -> int:
+        # Steps past the schedule are PersonaPlex's user-stream steps, dropped after mapping.
+        k = int(step)
+        return schedule[k] if k < len(schedule) else k
+
     return [
         # PyTorch released layout.
         (r"(.+)\.self_attn\.in_proj_weight", lambda m: Mapped(f"{m[1]}.self_attn.in_proj.weight")),
@@ -146,12 +152,47 @@ def lm_rules(schedule: list[int]) -> list[tuple[str, Callable[[re.Match], Mapped
          else Mapped(f"depformer_emb.{int(m[1]) - 1}.{m[2]}")),
         (slice_ + r"transformer\.layers\.(\d+)\.self_attn\.(in_proj|out_proj)\.(\w+)",
          lambda m: Mapped(f"depformer.layers.{m[2]}.self_attn.{m[3]}.{m[4]}",
-                          stack_index=schedule[int(m[1])])),
+                          stack_index=weight_set(m[1]))),
         (slice_ + r"transformer\.layers\.(\d+)\.gating\.(.+)",
-         lambda m: Mapped(f"depformer.layers.{m[2]}.gating.{schedule[int(m[1])]}.{m[3]}")),
+         lambda m: Mapped(f"depformer.layers.{m[2]}.gating.{weight_set(m[1])}.{m[3]}")),
         (slice_ + r"transformer\.layers\.(\d+)\.(norm[12]\.\w+)",
          lambda m: Mapped(f"depformer.layers.{m[2]}.{m[3]}")),
     ]  # fmt: skip
+
+
+def depformer_steps(keys) -> int:
+    """How many depformer steps (output heads) a checkpoint has, in any of our layouts."""
+    found = [
+        int(m[1]) for k in keys if (m := re.match(r"(?:linears|depformer\.slices)\.(\d+)\.", k))
+    ]
+    return max(found) + 1 if found else 0
+
+
+def drop_user_depformer_steps(weights: dict[str, mx.array], cfg) -> tuple[dict, list[int]]:
+    """Remove from ``weights`` (in our names) the depformer steps past Moshi's ``dep_q``.
+
+    PersonaPlex's depformer has ``n_q`` steps: after Moshi's codebooks it predicts the user's,
+    which are always given, so those steps never change Moshi's output. Returns the weights of
+    a ``dep_q``-step depformer (per-step tensors dropped, stacked attention projections cut)
+    and the steps dropped, empty when the checkpoint has none.
+    """
+    dropped = [k for k in range(cfg.dep_q, cfg.n_q) if f"linears.{k}.weight" in weights]
+    if not dropped:
+        return weights, []
+    n_sets = max(cfg.schedule) + 1
+    per_step = (
+        (r"(?:depformer_in|linears)\.(\d+)\..+", cfg.dep_q),
+        (r"depformer_emb\.(\d+)\..+", cfg.dep_q - 1),  # embeds codebook k for step k + 1
+        (r"depformer\.layers\.\d+\.gating\.(\d+)\..+", n_sets),
+    )
+    rows = {"in_proj": 3 * n_sets * cfg.depformer_dim, "out_proj": n_sets * cfg.depformer_dim}
+    kept = {}
+    for name, value in weights.items():
+        if any((m := re.fullmatch(p, name)) and int(m[1]) >= n for p, n in per_step):
+            continue
+        stacked = re.fullmatch(r"depformer\.layers\.\d+\.self_attn\.(in_proj|out_proj)\.\w+", name)
+        kept[name] = value[: rows[stacked[1]]] if stacked else value
+    return kept, dropped
 
 
 # ---- applying a table ------------------------------------------------------------------------
