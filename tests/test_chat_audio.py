@@ -497,10 +497,10 @@ def test_chat_refuses_a_device_that_cannot_do_the_rate(card):
     code = (
         "import sounddevice as sd\n"
         "from moshi_mlx.app.audio import check_device\n"
-        "from moshi_mlx.app.cli import UserError\n"
+        "from moshi_mlx.errors import MoshiError\n"
         "try:\n"
         "    check_device(sd, 'default', 'input', samplerate=1e6)\n"
-        "except UserError as e:\n"
+        "except MoshiError as e:\n"
         "    print(e)\n"
     )
     r = subprocess.run([sys.executable, "-c", code], env=card, capture_output=True, text=True,
