@@ -1,10 +1,11 @@
 """Sound devices for the live chat: device choice, the duplex stream, its queues and the lag policy.
 
-One PortAudio duplex stream (24 kHz mono float32, 1920-sample blocks) calls ``_callback`` every
-80 ms from PortAudio's thread. The callback only copies numpy frames: the microphone block goes
-into ``mic`` and the next Moshi frame comes out of ``speaker`` (silence when there is none);
-both queues are bounded. All model work happens on the compute thread, which also applies the
-``LagPolicy`` to what waits in the queues.
+One PortAudio duplex stream calls ``_callback`` every 80 ms from PortAudio's thread, at 24 kHz
+mono when the devices can, otherwise at a rate and channel count they do support (``Format``;
+``Conversion`` turns blocks into Moshi's 24 kHz mono frames and back, off the callback). The
+callback only copies numpy frames: the microphone block goes into ``mic`` and the next Moshi
+frame comes out of ``speaker`` (silence when there is none); both queues are bounded. All model
+work happens on the compute thread, which also applies the ``LagPolicy`` to what waits.
 """
 
 from __future__ import annotations
@@ -15,15 +16,19 @@ import queue
 import sys
 import threading
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from moshi_mlx.errors import MoshiError
 
-from .loop import FRAME, SAMPLE_RATE
+from .loop import FRAME, FRAME_S, SAMPLE_RATE
+from .resample import StreamResampler
 
 LIST_HINT = "see `moshi-mlx chat --list-devices`"
+# Rates tried when a device cannot do 24 kHz, after its own default rate: each gives whole
+# 80 ms blocks, which resample to exactly one 1920-sample frame.
+FALLBACK_RATES = (48000, 44100, 32000, 16000)
 
 
 def import_sounddevice():
@@ -55,16 +60,36 @@ def parse_device(spec: str | None) -> int | str | None:
 
 
 @dataclass
+class Format:
+    """How the duplex stream runs: its sample rate and each direction's channel count."""
+
+    rate: int = SAMPLE_RATE
+    in_channels: int = 1
+    out_channels: int = 1
+
+    @property
+    def block(self) -> int:
+        """Device samples per 80 ms callback."""
+        return round(self.rate * FRAME_S)
+
+    def __str__(self) -> str:
+        return f"{self.rate / 1000:g} kHz, {self.in_channels} in / {self.out_channels} out"
+
+
+@dataclass
 class Devices:
     input: int
     output: int
     input_name: str
     output_name: str
+    format: Format = field(default_factory=Format)
 
 
 def choose_devices(sd, input_spec: str | None, output_spec: str | None) -> Devices:
-    """Resolve the device flags (None: the system default) and check that both devices can do
-    24 kHz mono float32; raises ``MoshiError`` with one line otherwise."""
+    """Resolve the device flags (None: the system default) and pick the stream's format: 24 kHz
+    mono when both devices can, else the first rate both support (the devices' own default
+    rates first, then ``FALLBACK_RATES``), each in mono or, if a device refuses mono, in
+    stereo. Raises ``MoshiError`` with one line when there is no device or no such format."""
     found = {}
     for kind, spec in (("input", input_spec), ("output", output_spec)):
         dev = parse_device(spec)
@@ -83,28 +108,79 @@ def choose_devices(sd, input_spec: str | None, output_spec: str | None) -> Devic
         if info[f"max_{kind}_channels"] < 1:
             raise MoshiError(f"device {info['name']!r} has no {kind} channels ({LIST_HINT})")
         found[kind] = info
-    check_device(sd, found["input"]["index"], "input")
-    check_device(sd, found["output"]["index"], "output")
+    fmt = choose_format(sd, found["input"], found["output"])
     return Devices(
         found["input"]["index"],
         found["output"]["index"],
         found["input"]["name"],
         found["output"]["name"],
+        fmt,
     )
 
 
-def check_device(sd, device: int | str, kind: str, samplerate: float = SAMPLE_RATE) -> None:
-    """``MoshiError`` if ``device`` cannot stream mono float32 at ``samplerate`` for ``kind``."""
+def choose_format(sd, input_info: dict, output_info: dict) -> Format:
+    """The first format (see ``choose_devices``) that both devices accept."""
+    rates = [SAMPLE_RATE, *(int(i["default_samplerate"]) for i in (input_info, output_info))]
+    rates = [r for r in dict.fromkeys([*rates, *FALLBACK_RATES]) if (r * FRAME) % SAMPLE_RATE == 0]
+    first_error = None
+    for rate in rates:
+        channels = []
+        for kind, info in (("input", input_info), ("output", output_info)):
+            for n in sorted({1, min(2, info[f"max_{kind}_channels"])}):
+                try:
+                    check_device(sd, info["index"], kind, rate, n)
+                except MoshiError as e:
+                    first_error = first_error or e
+                else:
+                    channels.append(n)
+                    break
+        if len(channels) == 2:
+            return Format(rate, *channels)
+    tried = ", ".join(f"{r / 1000:g}" for r in rates)
+    raise MoshiError(
+        f"{first_error}; no common format either (tried {tried} kHz, mono and stereo)"
+    ) from None
+
+
+def check_device(
+    sd, device: int | str, kind: str, samplerate: float = SAMPLE_RATE, channels: int = 1
+) -> None:
+    """``MoshiError`` if ``device`` cannot stream float32 at ``samplerate`` with ``channels``
+    channels for ``kind``."""
     check = sd.check_input_settings if kind == "input" else sd.check_output_settings
     try:
-        check(device=device, channels=1, dtype="float32", samplerate=samplerate)
+        check(device=device, channels=channels, dtype="float32", samplerate=samplerate)
     except (sd.PortAudioError, ValueError) as e:
         name = sd.query_devices(device)["name"]
         rate = f"{samplerate / 1000:g} kHz"
+        layout = {1: "mono", 2: "stereo"}.get(channels, f"{channels}-channel")
         raise MoshiError(
-            f"{kind} device {name!r} cannot {'record' if kind == 'input' else 'play'} mono "
+            f"{kind} device {name!r} cannot {'record' if kind == 'input' else 'play'} {layout} "
             f"{rate} audio ({one_line(e)}); pick another with --{kind}-device ({LIST_HINT})"
         ) from None
+
+
+class Conversion:
+    """Between the stream's ``Format`` and Moshi's 24 kHz mono frames: microphone blocks are
+    mixed down to mono and resampled, Moshi's frames resampled and copied to every output
+    channel. ``mic`` and ``speaker`` each keep a resampler's state: call each from one thread.
+    ``delay_s``: what both resamplers add between a sound and its playback (0 at 24 kHz)."""
+
+    def __init__(self, fmt: Format):
+        self.format = fmt
+        self._mic = StreamResampler(fmt.rate, SAMPLE_RATE)
+        self._speaker = StreamResampler(SAMPLE_RATE, fmt.rate)
+        self.delay_s = self._mic.delay_s + self._speaker.delay_s
+
+    def mic(self, block: np.ndarray) -> np.ndarray:
+        """``[block, in_channels]`` device samples -> ``[1920]`` float32 at 24 kHz."""
+        mono = block[:, 0] if block.shape[1] == 1 else block.mean(axis=1, dtype=np.float32)
+        return self._mic(mono)
+
+    def speaker(self, pcm: np.ndarray) -> np.ndarray:
+        """``[1920]`` float32 at 24 kHz -> ``[block, out_channels]`` device samples."""
+        y = self._speaker(pcm)
+        return np.repeat(y[:, None], self.format.out_channels, axis=1)
 
 
 def one_line(e: BaseException) -> str:
@@ -158,15 +234,23 @@ class LagPolicy:
 
 @dataclass
 class MicBlock:
-    """One callback's worth: what the microphone heard and what the speaker was given."""
+    """One callback's worth: what the microphone heard and what the speaker was given.
+
+    The callback fills it with the device's samples; ``echo.MicStage`` then sets ``raw`` (the
+    microphone as a 24 kHz mono frame) and ``pcm`` (what the model gets: ``raw`` cleaned of
+    Moshi's echo, or ``raw`` itself without echo cancellation).
+    """
 
     index: int  # callback number since the stream started
-    pcm: np.ndarray  # [1920] float32
+    pcm: np.ndarray  # [block, in_channels] device samples, then [1920] float32 for the model
     adc: float  # stream time the block's first sample was captured (s)
     dac: float  # stream time the first sample given to the speaker in this callback plays (s)
     played: int  # index of the Moshi frame played in this callback, -1 for silence
     spare: int  # Moshi frames still queued after this callback took one (-1: none to take)
     played_latency: float  # dac - capture time of the mic frame it was computed from (s)
+    far: np.ndarray | None  # the played Moshi frame at 24 kHz (None: silence)
+    roundtrip: float  # dac - adc plus the conversion delays: when the mic hears ``far`` (s)
+    raw: np.ndarray | None = None  # [1920] float32 microphone at 24 kHz
 
 
 @dataclass
@@ -175,7 +259,8 @@ class MoshiFrame:
 
     step: int
     adc: float  # capture time of the microphone frame it answers
-    pcm: np.ndarray
+    pcm: np.ndarray  # [1920] float32 at 24 kHz
+    out: np.ndarray  # the same as device samples, [block, out_channels]
 
 
 class DuplexAudio:
@@ -188,6 +273,8 @@ class DuplexAudio:
     """
 
     def __init__(self, sd, devices: Devices, max_waiting: int, latency: str | float = "low"):
+        self.format = fmt = devices.format
+        self.conversion = Conversion(fmt)
         self.mic: queue.Queue[MicBlock] = queue.Queue(maxsize=max_waiting + 64)
         self.speaker: queue.Queue[MoshiFrame] = queue.Queue(maxsize=max_waiting + 4)
         self.blocks = 0
@@ -200,10 +287,10 @@ class DuplexAudio:
         self._stopping = False
         try:
             self.stream = sd.Stream(
-                samplerate=SAMPLE_RATE,
-                blocksize=FRAME,
+                samplerate=fmt.rate,
+                blocksize=fmt.block,
                 device=(devices.input, devices.output),
-                channels=1,
+                channels=(fmt.in_channels, fmt.out_channels),
                 dtype="float32",
                 latency=latency,
                 callback=self._callback,
@@ -261,14 +348,17 @@ class DuplexAudio:
             frame = self.speaker.get_nowait()
         except queue.Empty:
             outdata.fill(0)
-            played, played_latency, spare = -1, math.nan, -1
+            played, played_latency, spare, far = -1, math.nan, -1, None
             self.underruns += self.started_playing
         else:
-            outdata[:, 0] = frame.pcm
-            played, played_latency = frame.step, dac - frame.adc
-            spare = self.speaker.qsize()
+            outdata[:] = frame.out
+            played, played_latency = frame.step, dac - frame.adc + self.conversion.delay_s
+            spare, far = self.speaker.qsize(), frame.pcm
             self.started_playing = True
-        block = MicBlock(self.blocks, indata[:, 0].copy(), adc, dac, played, spare, played_latency)
+        roundtrip = dac - adc + self.conversion.delay_s
+        block = MicBlock(
+            self.blocks, indata.copy(), adc, dac, played, spare, played_latency, far, roundtrip
+        )
         self.blocks += 1
         try:
             self.mic.put_nowait(block)

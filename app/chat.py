@@ -1,9 +1,10 @@
 """``moshi-mlx chat``: talk with Moshi, full duplex, microphone -> Mimi -> LM -> Mimi -> speakers.
 
-Three threads: PortAudio's callback only moves numpy frames through two bounded queues
-(``audio.DuplexAudio``); one compute thread owns every MLX array (it loads the model, warms it
-up and runs ``loop.drive`` over the microphone frames, applying the ``LagPolicy``); the main
-thread draws the screen, watches the stream and handles Ctrl-C.
+Four threads: PortAudio's callback only moves numpy frames through two bounded queues
+(``audio.DuplexAudio``); the microphone stage turns each block into a 24 kHz mono frame and
+cancels Moshi's echo in it (``echo.MicStage``); one compute thread owns every MLX array (it
+loads the model, warms it up and runs ``loop.drive`` over the cleaned frames, applying the
+``LagPolicy``); the main thread draws the screen, watches the stream and handles Ctrl-C.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from .audio import (
     one_line,
 )
 from .display import make_screen
-from .loop import FRAME, FRAME_S, FrameDriver, Step, drive
+from .echo import EchoCanceller, MicStage
+from .loop import FRAME, FRAME_S, SAMPLE_RATE, FrameDriver, Step, drive, split_frames
 from .options import (
     add_model_arguments,
     add_sampling_arguments,
@@ -43,7 +45,7 @@ from .options import (
     sampling_from_args,
 )
 from .recording import Recorder
-from .wavio import temp_beside
+from .wavio import read_wav, resample, temp_beside, to_mono
 
 HELP = "talk with Moshi: microphone -> Moshi -> speakers, full duplex, with a live transcript"
 DEFAULT_MAX_LAG_MS = 400.0
@@ -76,11 +78,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--record",
         metavar="PATH",
-        help="save the conversation: stereo WAV (left microphone, right Moshi) and a "
-        "timestamped transcript beside it (PATH with .txt)",
+        help="save the conversation: WAV (1 microphone, 2 Moshi, 3 cleaned microphone with "
+        "--echo-cancel on) and a timestamped transcript beside it (PATH with .txt)",
+    )
+    e = p.add_argument_group("echo cancellation (WebRTC AEC3)")
+    e.add_argument(
+        "--echo-cancel",
+        choices=("on", "off"),
+        default="on",
+        help="remove Moshi's own voice from the microphone, so that loudspeakers work "
+        "(default on; off with headphones)",
+    )
+    e.add_argument(
+        "--noise-suppression", action="store_true", help="also suppress steady background noise"
+    )
+    e.add_argument(
+        "--auto-gain", action="store_true", help="also level the microphone automatically"
     )
     # For tests and debugging, not shown in --help.
     g.add_argument("--debug-dump", metavar="NPZ", help=argparse.SUPPRESS)
+    g.add_argument("--debug-play", metavar="WAV", help=argparse.SUPPRESS)  # instead of Moshi
     g.add_argument("--debug-slow-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     g.add_argument("--status-every", type=float, default=5.0, help=argparse.SUPPRESS)
 
@@ -115,6 +132,8 @@ def _check_args(args: argparse.Namespace) -> None:
             args.device_latency = float(args.device_latency)
         except ValueError:
             raise MoshiError("--device-latency must be 'low', 'high' or seconds") from None
+    if args.echo_cancel == "off" and (args.noise_suppression or args.auto_gain):
+        raise MoshiError("--noise-suppression and --auto-gain need --echo-cancel on")
     for flag, path in (("--record", args.record), ("--debug-dump", args.debug_dump)):
         if path:
             p = Path(path)
@@ -139,12 +158,13 @@ class Chat:
         model_choice(args)  # flag errors before the devices and the model
         devices = choose_devices(self.sd, args.input_device, args.output_device)
         screen = self.screen = make_screen(status_every_s=args.status_every)
-        screen.info(f"microphone: {devices.input_name} | speakers: {devices.output_name}")
+        fmt = "" if devices.format.rate == SAMPLE_RATE else f" (converted from {devices.format})"
+        screen.info(f"microphone: {devices.input_name} | speakers: {devices.output_name}{fmt}")
         max_waiting = int(args.max_lag_ms // (FRAME_S * 1000))
         worker = ComputeWorker(args, sampling, max_waiting)
         restore = self._catch_signals()
         worker.start()
-        audio = recorder = None
+        audio = recorder = stage = None
         failure = None
         try:
             while not worker.ready.wait(0.1):
@@ -157,8 +177,13 @@ class Chat:
                     return 0
             self._pump(worker)
             audio = DuplexAudio(self.sd, devices, max_waiting, args.device_latency)
-            recorder = Recorder(args.record) if args.record else None
-            worker.attach(audio, recorder)
+            canceller = None
+            if args.echo_cancel == "on":
+                canceller = EchoCanceller(args.noise_suppression, args.auto_gain)
+            stage = MicStage(audio.mic, audio.conversion.mic, canceller)
+            recorder = Recorder(args.record, cleaned=canceller is not None) if args.record else None
+            worker.attach(audio, stage, recorder)
+            stage.start()
             try:
                 audio.start()
             except self.sd.PortAudioError as e:
@@ -170,6 +195,9 @@ class Chat:
             if audio is not None:
                 audio.stop()
             worker.halt.set()
+            if stage is not None:
+                stage.halt.set()
+                stage.join(timeout=5)
             worker.join(timeout=30)
             self._pump(worker)
             screen.close()
@@ -191,6 +219,8 @@ class Chat:
             screen.tick()
             if worker.error is not None:
                 raise worker.error
+            if worker.stage.error is not None:
+                raise worker.stage.error
             if audio.failed.is_set() or not audio.active:
                 return STREAM_STOPPED
             if audio.blocks != blocks:
@@ -239,6 +269,13 @@ class Chat:
         return restore
 
 
+def _frames_of(path: str) -> list[np.ndarray]:
+    """``--debug-play``: a WAV file as 24 kHz mono frames, played instead of Moshi's output (the
+    echo tests use it to make the far end a known signal)."""
+    x, rate = read_wav(path)
+    return split_frames(resample(to_mono(x), rate, SAMPLE_RATE))
+
+
 def _median(values) -> float | None:
     return float(np.median(values)) if len(values) else None
 
@@ -256,7 +293,9 @@ class ComputeWorker(threading.Thread):
         self.error: BaseException | None = None
         self.snapshot: dict | None = None
         self.audio: DuplexAudio | None = None
+        self.stage: MicStage | None = None
         self.recorder: Recorder | None = None
+        self.play = _frames_of(args.debug_play) if args.debug_play else None
         self.pending: dict[int, tuple[np.ndarray, str]] = {}  # computed, not played yet
         self.compute_s: list[float] = []
         self.latency_s: list[float] = []
@@ -267,8 +306,8 @@ class ComputeWorker(threading.Thread):
         dump = args.debug_dump is not None
         self.dump: dict[str, list] | None = {k: [] for k in _DUMP_KEYS} if dump else None
 
-    def attach(self, audio: DuplexAudio, recorder: Recorder | None) -> None:
-        self.audio, self.recorder = audio, recorder
+    def attach(self, audio: DuplexAudio, stage: MicStage, recorder: Recorder | None) -> None:
+        self.audio, self.stage, self.recorder = audio, stage, recorder
 
     def run(self) -> None:
         try:
@@ -294,14 +333,14 @@ class ComputeWorker(threading.Thread):
 
     # -- the source: microphone frames, minus what the lag policy drops --------------------
     def _mic_frames(self):
-        audio = self.audio
+        audio, stage = self.audio, self.stage
         while not self.halt.is_set():
             try:
-                block = audio.mic.get(timeout=0.05)
+                block = stage.out.get(timeout=0.05)
             except queue.Empty:
                 continue
             self._account(block)
-            decision = self.policy.decide(audio.mic.qsize(), audio.speaker.qsize(), block.spare)
+            decision = self.policy.decide(stage.waiting(), audio.speaker.qsize(), block.spare)
             self._dump_block(block, decision)
             if decision == LagPolicy.DROP_MIC:
                 self.dropped_mic += 1
@@ -322,7 +361,8 @@ class ComputeWorker(threading.Thread):
         if block.played >= 0 and not math.isnan(block.played_latency):
             self.latency_s.append(block.played_latency + FRAME_S)
         if self.recorder is not None:
-            self.recorder.block(block.index, block.pcm, played, block.dac - block.adc)
+            clean = block.pcm if self.recorder.cleaned else None
+            self.recorder.block(block.index, block.raw, played, block.roundtrip, clean)
             if text:
                 self.recorder.text(block.index, text)
 
@@ -335,8 +375,9 @@ class ComputeWorker(threading.Thread):
 
     # -- the sink: computed frames to the speaker queue -------------------------------------
     def _on_step(self, block: MicBlock, step: Step) -> None:
-        self.pending[step.index] = (step.pcm, step.text)
-        frame = MoshiFrame(step.index, block.adc, step.pcm)
+        pcm = step.pcm if self.play is None else self.play[step.index % len(self.play)]
+        self.pending[step.index] = (pcm, step.text)
+        frame = MoshiFrame(step.index, block.adc, pcm, self.audio.conversion.speaker(pcm))
         try:
             self.audio.speaker.put_nowait(frame)
         except queue.Full:
@@ -348,7 +389,8 @@ class ComputeWorker(threading.Thread):
             d = self.dump
             d["step_block"].append(block.index)
             d["step_pcm_in"].append(block.pcm)
-            d["step_pcm_out"].append(step.pcm)
+            d["step_pcm_raw"].append(block.raw)
+            d["step_pcm_out"].append(pcm)
             d["step_user_codes"].append(step.user_codes)
             d["step_codes"].append(step.codes if step.codes is not None else self.no_codes)
             d["step_text"].append(-1 if step.text_id is None else step.text_id)
@@ -362,8 +404,9 @@ class ComputeWorker(threading.Thread):
             d["block_played"].append(block.played)
             d["block_played_latency"].append(block.played_latency)
             d["block_device_latency"].append(block.dac - block.adc)
+            d["block_roundtrip"].append(block.roundtrip)
             d["block_dropped"].append(decision == LagPolicy.DROP_MIC)
-            d["block_waiting"].append(self.audio.mic.qsize() + self.audio.speaker.qsize())
+            d["block_waiting"].append(self.stage.waiting() + self.audio.speaker.qsize())
 
     def _publish(self) -> None:
         audio = self.audio
@@ -375,11 +418,13 @@ class ComputeWorker(threading.Thread):
             "compute_ms": None if compute is None else compute * 1000,
             "rtf": None if compute is None else compute / FRAME_S,
             "latency_ms": None if latency is None else latency * 1000,
-            "mic_queue": audio.mic.qsize(),
+            "mic_queue": self.stage.waiting(),
             "speaker_queue": audio.speaker.qsize(),
             "dropped": self.dropped_mic + self.dropped_speaker + audio.overflows,
             "underruns": audio.underruns,
         }
+        if self.stage.canceller is not None:
+            self.snapshot["erle_db"] = _median(self.stage.erle_db[-25:])
 
     def flush_text(self) -> None:
         """Text of frames computed but never played still belongs in the transcript."""
@@ -405,7 +450,15 @@ class ComputeWorker(threading.Thread):
             "rtf_median": "-" if compute is None else f"{compute / FRAME_S:.2f}",
             "latency_ms_median": "-" if latency is None else f"{latency * 1000:.0f}",
             "latency_ms_max": "-" if not self.latency_s else f"{max(self.latency_s) * 1000:.0f}",
+            "sample_rate": audio.format.rate,
+            "in_channels": audio.format.in_channels,
+            "out_channels": audio.format.out_channels,
+            "echo_cancel": "off" if self.stage.canceller is None else "on",
         }
+        if self.stage.canceller is not None:
+            erle, cost = _median(self.stage.erle_db), _median(self.stage.process_s)
+            fields["erle_db_median"] = "-" if erle is None else f"{erle:.1f}"
+            fields["echo_ms_median"] = "-" if cost is None else f"{cost * 1000:.2f}"
         for flag, n in sorted(audio.flags.items()):
             fields[flag] = n
         return fields
@@ -428,10 +481,12 @@ _DUMP_KEYS = (
     "block_played",
     "block_played_latency",
     "block_device_latency",
+    "block_roundtrip",
     "block_dropped",
     "block_waiting",
     "step_block",
     "step_pcm_in",
+    "step_pcm_raw",
     "step_pcm_out",
     "step_user_codes",
     "step_codes",

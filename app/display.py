@@ -27,6 +27,7 @@ def status_fields(s: dict) -> dict[str, str]:
         "speaker_queue": str(s["speaker_queue"]),
         "dropped": str(s["dropped"]),
         "underruns": str(s["underruns"]),
+        "erle_db": ms(s.get("erle_db")),
     }
 
 
@@ -137,19 +138,26 @@ class RichScreen:
         s, f = self._stats, status_fields(self._stats)
         minutes, seconds = divmod(int(s["t"]), 60)
         bad_rtf = s["rtf"] is not None and s["rtf"] > 1.0
+        # (text, style, rank): when the line is wider than the terminal, the parts with the
+        # highest rank go first, so that it never wraps or cuts the counters off
         parts = [
-            (f"{minutes:02d}:{seconds:02d}", ""),
-            (f"compute {f['compute_ms']} ms", ""),
-            (f"RTF {f['rtf']}", "bold red" if bad_rtf else ""),
-            (f"latency ~{f['latency_ms']} ms", ""),
-            (f"queue mic {f['mic_queue']} spk {f['speaker_queue']}", ""),
-            (f"dropped {f['dropped']}", "yellow" if s["dropped"] else ""),
-            (f"underruns {f['underruns']}", "yellow" if s["underruns"] else ""),
+            (f"{minutes:02d}:{seconds:02d}", "", 0),
+            (f"compute {f['compute_ms']} ms", "", 6),
+            (f"RTF {f['rtf']}", "bold red" if bad_rtf else "", 1),
+            (f"latency ~{f['latency_ms']} ms", "", 2),
+            (f"queue {f['mic_queue']}/{f['speaker_queue']}", "", 7),
+            (f"dropped {f['dropped']}", "yellow" if s["dropped"] else "", 4),
+            (f"underruns {f['underruns']}", "yellow" if s["underruns"] else "", 5),
         ]
+        if "erle_db" in s:  # echo cancellation on
+            parts.append((f"ERLE {f['erle_db']} dB", "", 3))
+        sep = " │ "
+        while len(parts) > 1 and len(sep.join(p for p, _, _ in parts)) > self.console.width:
+            parts.remove(max(parts, key=lambda p: p[2]))
         text = Text(no_wrap=True, overflow="ellipsis")
-        for i, (part, style) in enumerate(parts):
+        for i, (part, style, _) in enumerate(parts):
             if i:
-                text.append(" │ ", style="dim")
+                text.append(sep, style="dim")
             text.append(part, style=style)
         return text
 

@@ -1,8 +1,10 @@
-"""``chat --record``: the conversation as a stereo WAV plus a timestamped transcript.
+"""``chat --record``: the conversation as a WAV plus a timestamped transcript.
 
-Left channel: what the microphone heard; right channel: what the speaker played (Moshi), placed
-on the same timeline. Both are written as they come into a temporary file beside the target,
-renamed into place by ``close()``, so an interrupted chat never leaves a corrupt recording.
+Channel 1 (left): what the microphone heard; channel 2 (right): what the speaker played
+(Moshi), placed on the same timeline; with echo cancellation, channel 3: the microphone as
+cleaned for the model, on the microphone's timeline. Both files are written as they come into
+temporary files beside the targets, renamed into place by ``close()``, so an interrupted chat
+never leaves a corrupt recording.
 """
 
 from __future__ import annotations
@@ -49,10 +51,11 @@ class Recorder:
     The speaker channel is shifted later by ``offset`` samples: the stream's input plus output
     latency (``dac - adc`` of a callback, the median over the first ``settle`` blocks since
     the very first callbacks can be off), so that the right channel shows Moshi's audio when
-    it was heard relative to when the microphone heard the user. Thread-safe.
+    it was heard relative to when the microphone heard the user. With ``cleaned``, a third
+    channel holds the cleaned microphone. Thread-safe.
     """
 
-    def __init__(self, path: str | Path, settle: int = 8):
+    def __init__(self, path: str | Path, settle: int = 8, cleaned: bool = False):
         self.path = Path(path)
         self.transcript_path = self.path.with_suffix(".txt")
         self.transcript = Transcript()
@@ -61,47 +64,61 @@ class Recorder:
         self.settle = settle
         self._early: list[tuple] = []  # blocks held until the offset is known
         self._early_text: list[tuple[int, str]] = []
-        self._wav = AtomicWav(self.path, 2, SAMPLE_RATE)
+        self.cleaned = cleaned
+        self._wav = AtomicWav(self.path, 3 if cleaned else 2, SAMPLE_RATE)
         self._pending_right = np.zeros(0, np.float32)
         self._lock = threading.Lock()
         self.closed = False
 
-    def block(self, index: int, mic: np.ndarray, speaker: np.ndarray | None, latency_s: float):
-        """Callback ``index``: the microphone block and the Moshi frame played in it (None for
-        silence), and the callback's ``dac - adc`` in seconds. Missing indices (blocks lost to
-        a stalled compute thread) become silence."""
+    def block(
+        self,
+        index: int,
+        mic: np.ndarray,
+        speaker: np.ndarray | None,
+        latency_s: float,
+        clean: np.ndarray | None = None,
+    ):
+        """Callback ``index``: the microphone block, the Moshi frame played in it (None for
+        silence), the time from the block's capture to the frame's playing in seconds (the
+        callback's ``dac - adc``) and, with ``cleaned``, the cleaned microphone block. Missing
+        indices (blocks lost to a stalled compute thread) become silence."""
         with self._lock:
             if self.closed:
                 return
             if self.offset is None:
-                self._early.append((index, mic, speaker, latency_s))
+                self._early.append((index, mic, speaker, latency_s, clean))
                 if len(self._early) >= self.settle:
                     self._settle()
                 return
-            self._block(index, mic, speaker)
+            self._block(index, mic, speaker, clean)
 
     def _settle(self) -> None:
         latency = float(np.median([b[3] for b in self._early])) if self._early else 0.0
         self.offset = max(0, int(round(latency * SAMPLE_RATE)))
         self._pending_right = np.zeros(self.offset, np.float32)
-        for index, mic, speaker, _ in self._early:
-            self._block(index, mic, speaker)
+        for index, mic, speaker, _, clean in self._early:
+            self._block(index, mic, speaker, clean)
         for index, piece in self._early_text:
             self.transcript.add(self.time_of(index), piece)
         self._early, self._early_text = [], []
 
-    def _block(self, index: int, mic: np.ndarray, speaker: np.ndarray | None) -> None:
+    def _block(self, index: int, mic, speaker, clean) -> None:
         silence = np.zeros(FRAME, np.float32)
         while self.blocks < index:
-            self._write(silence, silence)
+            self._write(silence, silence, silence)
         if index < self.blocks:
             return
-        self._write(np.asarray(mic, np.float32), silence if speaker is None else speaker)
+        self._write(
+            np.asarray(mic, np.float32),
+            silence if speaker is None else speaker,
+            silence if clean is None else np.asarray(clean, np.float32),
+        )
 
-    def _write(self, mic: np.ndarray, speaker: np.ndarray) -> None:
+    def _write(self, mic: np.ndarray, speaker: np.ndarray, clean: np.ndarray) -> None:
         right = np.concatenate([self._pending_right, np.asarray(speaker, np.float32)])
         self._pending_right = right[FRAME:]
-        self._wav.write(np.stack([mic, right[:FRAME]], axis=1))
+        channels = [mic, right[:FRAME], clean] if self.cleaned else [mic, right[:FRAME]]
+        self._wav.write(np.stack(channels, axis=1))
         self.blocks += 1
 
     def time_of(self, index: int) -> float:
@@ -124,7 +141,9 @@ class Recorder:
                 self.closed = True
                 tail = self._pending_right
                 if len(tail):
-                    self._wav.write(np.stack([np.zeros_like(tail), tail], axis=1))
+                    columns = np.zeros((len(tail), 3 if self.cleaned else 2), np.float32)
+                    columns[:, 1] = tail
+                    self._wav.write(columns)
                 self._wav.close()
                 write_text(self.transcript_path, self.transcript.render())
         return self.path, self.transcript_path

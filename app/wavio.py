@@ -19,6 +19,8 @@ import numpy as np
 
 from moshi_mlx.errors import MoshiError
 
+from .resample import kaiser_sinc_bank
+
 _PCM, _FLOAT, _EXTENSIBLE = 1, 3, 0xFFFE
 
 
@@ -176,12 +178,9 @@ def resample(
     g = math.gcd(int(rate_in), int(rate_out))
     up, down = rate_out // g, rate_in // g  # output n <-> input position n * down / up
     n_out = int(round(len(x) * up / down))
-    cutoff = min(1.0, up / down) * 0.95  # of the input's Nyquist
-    radius = half_taps / cutoff  # in input samples
-    reach = int(np.ceil(radius))
-    offsets = np.arange(-reach, reach + 1)
+    reach, bank = kaiser_sinc_bank(up, down, half_taps, beta)
     padded = np.concatenate([np.zeros(reach), x, np.zeros(reach + 1)])
-    windows = np.lib.stride_tricks.sliding_window_view(padded, len(offsets))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * reach + 1)
     out = np.empty(n_out, np.float32)
     inverse = pow(down, -1, up)
     # Polyphase: the weights depend only on n * down mod up, so there are ``up`` filters and
@@ -190,12 +189,6 @@ def resample(
         first = phase * inverse % up  # smallest n with n * down = phase (mod up)
         if first >= n_out:
             continue
-        frac = phase / up
-        d = frac - offsets
-        w = cutoff * np.sinc(cutoff * d)
-        w *= np.i0(beta * np.sqrt(np.clip(1 - (d / radius) ** 2, 0, 1))) / np.i0(beta)
-        w *= np.abs(d) < radius
-        w /= w.sum()  # unit gain at DC
         starts = (np.arange(first, n_out, up) * down) // up  # floor of the input positions
-        out[first::up] = windows[starts] @ w
+        out[first::up] = windows[starts] @ bank[phase]
     return out

@@ -103,3 +103,14 @@ def pytorch_repo(tmp_path_factory, spm_model) -> Path:
     shutil.copy(LM_DIR / "config.json", repo / "config.json")
     shutil.copy(MIMI_DIR / "config.json", repo / "mimi_config.json")
     return repo
+
+
+@pytest.fixture(scope="session")
+def card(tmp_path_factory) -> dict[str, str]:
+    """A virtual sound card of this test session's own (two suites running at once never
+    share one), stopped when the session ends."""
+    from audio_card import card_env, stop_card
+
+    env = card_env(tmp_path_factory.mktemp("card"))
+    yield env
+    stop_card(env)

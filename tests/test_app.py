@@ -242,6 +242,19 @@ def test_recorder_puts_moshi_after_the_device_latency_and_fills_gaps(tmp_path):
     assert path.with_suffix(".txt").read_text() == "[00:00.090] hello there\n"
 
 
+def test_recorder_adds_the_cleaned_microphone_as_a_third_channel(tmp_path):
+    rec = Recorder(tmp_path / "talk.wav", settle=1, cleaned=True)
+    mic, moshi, clean = (np.full(FRAME, v, np.float32) for v in (0.4, -0.5, 0.1))
+    rec.block(0, mic, moshi, 240 / SAMPLE_RATE, clean)
+    rec.close()
+    x, _ = read_wav(tmp_path / "talk.wav")
+    assert x.shape == (FRAME + 240, 3)
+    np.testing.assert_allclose(x[:FRAME, 0], 0.4, atol=1e-4)
+    np.testing.assert_allclose(x[:FRAME, 2], 0.1, atol=1e-4)  # on the microphone's timeline
+    np.testing.assert_allclose(x[240:, 1], -0.5, atol=1e-4)  # Moshi, after the latency
+    assert np.all(x[FRAME:, [0, 2]] == 0)
+
+
 def test_transcript_breaks_lines_at_pauses():
     t = Transcript(pause_s=1.0)
     for time_s, piece in [(0.0, " Hi"), (0.08, ","), (0.16, " you"), (2.0, " Yes"), (2.5, "!")]:
@@ -251,7 +264,7 @@ def test_transcript_breaks_lines_at_pauses():
 
 
 SNAPSHOT = dict(t=12.3, frames=150, compute_ms=31.0, rtf=0.39, latency_ms=260.0, mic_queue=0,
-                speaker_queue=1, dropped=2, underruns=3)  # fmt: skip
+                speaker_queue=1, dropped=2, underruns=3, erle_db=32.4)  # fmt: skip
 
 
 def test_plain_screen_prints_lines_with_status_and_summary():
@@ -266,7 +279,7 @@ def test_plain_screen_prints_lines_with_status_and_summary():
     lines = out.getvalue().splitlines()
     assert lines[:3] == ["loading", "speak now", "moshi: hello"]
     assert lines[3].startswith("status t=12.3 frames=150 compute_ms=31 rtf=0.39 latency_ms=260")
-    assert "dropped=2" in lines[3] and "underruns=3" in lines[3]
+    assert "dropped=2" in lines[3] and "underruns=3" in lines[3] and "erle_db=32" in lines[3]
     assert lines[4] == "summary frames=150 dropped=2"
 
 
@@ -282,8 +295,22 @@ def test_rich_screen_shows_transcript_and_status():
     screen.close()
     text = out.getvalue()
     for words in ("moshi listens and speaks", "compute 31 ms", "RTF 0.39", "latency ~260 ms",
-                  "dropped 2", "underruns 3"):  # fmt: skip
+                  "dropped 2", "underruns 3", "ERLE 32 dB"):  # fmt: skip
         assert words in text
+
+
+def test_rich_status_line_fits_80_columns_and_keeps_the_counters():
+    from rich.console import Console
+
+    busy = dict(SNAPSHOT, t=3725.0, compute_ms=1234.0, rtf=15.43, latency_ms=1234.0, mic_queue=12,
+                speaker_queue=9, dropped=123, underruns=45)  # fmt: skip
+    screen = RichScreen(Console(file=io.StringIO(), force_terminal=True, width=80, height=30))
+    screen.stats(busy)
+    line = screen._status_text().plain
+    assert len(line) <= 80, line
+    for words in ("62:05", "RTF 15.43", "latency ~1234 ms", "dropped 123", "underruns 45",
+                  "ERLE 32 dB"):  # fmt: skip
+        assert words in line, line
 
 
 # ---- the frame loop on the converted fixture model -----------------------------------------

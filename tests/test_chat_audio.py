@@ -12,71 +12,20 @@ Outside CI these tests skip when the card cannot be had; with ``CI=true`` they m
 
 from __future__ import annotations
 
-import ctypes.util
-import json
-import os
-import re
-import shutil
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MOSHI_MLX, moshi_mlx_cmd, run_python
+from audio_card import AUDIO_ENV, Chat, card_env, locate, report, stop_card
+from conftest import moshi_mlx_cmd, run_python
 
 import moshi_mlx
 from moshi_mlx import Sampling
 from moshi_mlx.app.loop import FRAME, SAMPLE_RATE, FrameDriver
 from moshi_mlx.app.wavio import read_wav
-
-ROOT = Path(__file__).resolve().parents[1]
-AUDIO_ENV = ROOT / "scripts" / "audio_env.sh"
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-TOOLS = ("pulseaudio", "pactl", "pacat", "parecord")
-REPORT = os.environ.get("MOSHI_MLX_AUDIO_REPORT")  # append measured figures here (JSON lines)
-
-
-def _unavailable(reason: str):
-    if IN_CI:
-        pytest.fail(f"virtual sound card needed in CI: {reason}")
-    pytest.skip(f"no virtual sound card: {reason}")
-
-
-def card_env(folder: Path | None = None) -> dict[str, str]:
-    """Environment of a virtual sound card started (if needed) in ``folder``."""
-    env = dict(os.environ)
-    if folder is not None:
-        env["AUDIO_ENV_DIR"] = str(folder)
-    missing = [t for t in TOOLS if shutil.which(t) is None]
-    if ctypes.util.find_library("portaudio") is None:
-        missing.append("PortAudio")
-    if missing:
-        _unavailable(f"missing {', '.join(missing)} (scripts/audio_env.sh install)")
-    r = subprocess.run([str(AUDIO_ENV), "start"], env=env, capture_output=True, text=True,
-                       timeout=60)  # fmt: skip
-    if r.returncode != 0:
-        _unavailable(f"scripts/audio_env.sh start failed: {r.stderr.strip()}")
-    lines = subprocess.run([str(AUDIO_ENV), "env"], env=env, capture_output=True, text=True,
-                           check=True, timeout=10).stdout  # fmt: skip
-    for name, value in re.findall(r"^export (\w+)=(.*)$", lines, re.M):
-        env[name] = value
-    return env
-
-
-def stop_card(env: dict[str, str]) -> None:
-    subprocess.run([str(AUDIO_ENV), "stop"], env=env, capture_output=True, timeout=30)
-
-
-@pytest.fixture(scope="session")
-def card(tmp_path_factory) -> dict[str, str]:
-    """A virtual sound card of this test session's own (two suites running at once never
-    share one), stopped when the session ends."""
-    env = card_env(tmp_path_factory.mktemp("card"))
-    yield env
-    stop_card(env)
 
 
 @pytest.fixture(scope="session")
@@ -98,62 +47,6 @@ def test_signal(seconds: float = 2.5, seed: int = 1) -> np.ndarray:
 
 
 test_signal.__test__ = False  # a helper, not a test
-
-
-class Chat:
-    """``moshi-mlx chat`` in a subprocess, its output lines collected as they come."""
-
-    def __init__(self, env, *args):
-        cmd = [str(MOSHI_MLX), "chat", *map(str, args)]
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)  # fmt: skip
-        self.out: list[str] = []
-        self.err: list[str] = []
-        self._readers = [
-            threading.Thread(target=self._read, args=(self.proc.stdout, self.out), daemon=True),
-            threading.Thread(target=self._read, args=(self.proc.stderr, self.err), daemon=True),
-        ]
-        for t in self._readers:
-            t.start()
-
-    @staticmethod
-    def _read(stream, lines):
-        for line in stream:
-            lines.append(line.rstrip("\n"))
-
-    def wait_for(self, words: str, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(words in line for line in self.out):
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        self.kill()
-        raise AssertionError(f"chat never said {words!r}: {self.out} {self.err}")
-
-    def interrupt(self, timeout: float = 30.0) -> int:
-        self.proc.send_signal(signal.SIGINT)
-        return self.wait(timeout)
-
-    def wait(self, timeout: float = 30.0) -> int:
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
-        for t in self._readers:
-            t.join(timeout=5)
-        return rc
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def summary(self) -> dict[str, str]:
-        line = next(line for line in self.out if line.startswith("summary "))
-        return dict(kv.split("=", 1) for kv in line.split()[1:])
 
 
 class BusRecorder:
@@ -187,18 +80,6 @@ def feed_mic(env, pcm: np.ndarray, folder: Path) -> None:
          f"--rate={SAMPLE_RATE}", "--channels=1", "--latency-msec=300", str(path)],
         env=env, check=True, timeout=len(pcm) / SAMPLE_RATE + 20,
     )  # fmt: skip
-
-
-def locate(ref: np.ndarray, signal_: np.ndarray) -> tuple[int, float]:
-    """Where ``ref`` (with its zeros) sits in ``signal_``: the lag of the cross-correlation
-    peak, and the normalized correlation over the samples where ``ref`` is not zero."""
-    n = 1 << int(np.ceil(np.log2(len(ref) + len(signal_))))
-    c = np.fft.irfft(np.fft.rfft(signal_, n) * np.conj(np.fft.rfft(ref, n)), n)
-    lag = int(np.argmax(c[: len(signal_)]))
-    seg = signal_[lag : lag + len(ref)]
-    r = ref[: len(seg)]
-    mask = r != 0
-    return lag, float(np.corrcoef(r[mask], seg[mask])[0, 1])
 
 
 def onset(x: np.ndarray, threshold: float = 0.0) -> int:
@@ -292,20 +173,16 @@ def through_the_bus(d, bus: np.ndarray) -> dict:
     }
 
 
-def report(name: str, figures: dict) -> None:
-    print(f"\n{name}: " + json.dumps(figures))
-    if REPORT:
-        with open(REPORT, "a") as f:
-            f.write(json.dumps({"test": name, **figures}) + "\n")
-
-
 def converse(card, model_dir, tmp_path, seconds_after: float = 1.0, *args):
     """Start chat, feed the test signal once it listens, keep going ``seconds_after``, stop
-    with Ctrl-C. Returns the chat, the dump, the bus recording and the fed signal."""
+    with Ctrl-C. Returns the chat, the dump, the bus recording and the fed signal. The echo
+    canceller is off: these tests follow the raw microphone sample for sample (test_echo.py
+    covers it on)."""
     bus = BusRecorder(card, tmp_path / "bus.f32")  # from before the chat's first block
     try:
         chat = Chat(card, "--hf-path", model_dir, "--seed", 5, "--record", tmp_path / "talk.wav",
-                    "--debug-dump", tmp_path / "dump.npz", "--status-every", 1, *args)  # fmt: skip
+                    "--debug-dump", tmp_path / "dump.npz", "--status-every", 1,
+                    "--echo-cancel", "off", *args)  # fmt: skip
         try:
             chat.wait_for("speak now")
             time.sleep(0.5)
@@ -459,7 +336,7 @@ def test_chat_device_lost_mid_stream_exits_with_one_line_and_keeps_the_recording
     assert chat.err[0].startswith("moshi-mlx chat: error: the audio stream stopped")
     assert "--list-devices" in chat.err[0]
     rec, rate = read_wav(tmp_path / "lost.wav")
-    assert rate == SAMPLE_RATE and rec.shape[1] == 2 and len(rec) >= SAMPLE_RATE
+    assert rate == SAMPLE_RATE and rec.shape[1] == 3 and len(rec) >= SAMPLE_RATE  # + cleaned mic
     assert any(line.startswith("summary ") for line in chat.out)
 
 

@@ -1,0 +1,155 @@
+"""The echo canceller, the streaming resampler and the device format choice, without a sound
+card: simulated rooms and a stand-in for sounddevice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from room import Convolver, echo_path, synthetic_speech
+
+from moshi_mlx.app.audio import Conversion, Format, choose_format
+from moshi_mlx.app.echo import EchoCanceller
+from moshi_mlx.app.loop import FRAME, SAMPLE_RATE
+from moshi_mlx.app.resample import StreamResampler
+from moshi_mlx.app.wavio import resample
+from moshi_mlx.errors import MoshiError
+
+
+def cancel(far: np.ndarray, mic: np.ndarray, latency_s: float) -> tuple[np.ndarray, list]:
+    """Run the canceller as the mic stage does: far frame ``i`` is played in callback ``i``."""
+    aec = EchoCanceller()
+    out, erle = [], []
+    for i in range(len(mic) // FRAME):
+        s = slice(i * FRAME, (i + 1) * FRAME)
+        out.append(aec.process(mic[s], far[s], latency_s))
+        erle.append(aec.erle_db)
+    return np.concatenate(out), erle
+
+
+def frame_erle(echo: np.ndarray, out: np.ndarray, skip_s: float = 2.0) -> float:
+    e = (echo.reshape(-1, FRAME) ** 2).mean(1)
+    o = (out.reshape(-1, FRAME) ** 2).mean(1)
+    keep = np.arange(len(e)) >= skip_s / 0.08
+    keep &= e > 1e-6
+    return float(np.median(10 * np.log10(e[keep] / (o[keep] + 1e-12))))
+
+
+@pytest.mark.parametrize("roundtrip_s", [0.0, 0.3])
+def test_canceller_removes_a_delayed_reverberant_echo(roundtrip_s):
+    far = synthetic_speech(8.0, seed=3)
+    # the stream's own latency plus a 150 ms room: 450 ms, near the edge of AEC3's own reach
+    h = echo_path(150.0 + roundtrip_s * 1000)
+    echo = np.convolve(far, h)[: len(far)]
+    out, erle = cancel(far, echo.astype(np.float32), roundtrip_s)
+    assert frame_erle(echo, out) > 25
+    measured = [e for e in erle[25:] if e is not None]
+    assert len(measured) > 20 and np.median(measured) > 25  # the app's meter agrees
+
+
+def test_canceller_needs_the_stream_latency_beyond_aec3s_reach():
+    far = synthetic_speech(8.0, seed=3)
+    echo = np.convolve(far, echo_path(150.0 + 600.0))[: len(far)].astype(np.float32)
+    told, _ = cancel(far, echo, 0.6)
+    untold, _ = cancel(far, echo, float("nan"))  # no timestamps: AEC3 alone
+    assert frame_erle(echo, told) > 25 > frame_erle(echo, untold) + 10
+
+
+def test_canceller_lets_the_near_end_through_without_far_end():
+    near = synthetic_speech(3.0, seed=9, f0=210.0)
+    out, erle = cancel(np.zeros_like(near), near, 0.1)
+    lag = 223  # AEC3's own delay at 24 kHz (measured)
+    corr = np.corrcoef(out[lag + FRAME : 30 * FRAME], near[FRAME : 30 * FRAME - lag])[0, 1]
+    assert corr > 0.98
+    assert all(e is None for e in erle)  # no far end, no ERLE
+
+
+@pytest.mark.parametrize("rate", [48000, 44100, 16000, 32000])
+def test_stream_resampler_gives_whole_frames_and_matches_the_batch_one(rate):
+    block = round(rate * 0.08)
+    x = synthetic_speech(2.0, seed=1, rate=rate)[: 20 * block]
+    down = StreamResampler(rate, SAMPLE_RATE)
+    frames = [down(x[i : i + block]) for i in range(0, len(x), block)]
+    assert all(len(f) == FRAME for f in frames)
+    y = np.concatenate(frames)
+    assert 0 < down.delay_s < 0.002
+    late = np.concatenate([np.zeros(down.delay), x])  # the stream is late by its delay
+    batch = resample(late, rate, SAMPLE_RATE, half_taps=16)[: len(y)]
+    np.testing.assert_allclose(y[:-200], batch[:-200], atol=1e-5)
+    up = StreamResampler(SAMPLE_RATE, rate)
+    back = np.concatenate([up(f) for f in frames])
+    assert len(back) == len(x)
+
+
+def test_stream_resampler_passes_24_khz_through():
+    x = np.arange(FRAME, dtype=np.float32)
+    r = StreamResampler(SAMPLE_RATE, SAMPLE_RATE)
+    assert r.delay_s == 0 and np.array_equal(r(x), x)
+
+
+def test_conversion_mixes_down_and_copies_to_every_channel():
+    conv = Conversion(Format(48000, 2, 2))
+    t = np.arange(3840 * 10) / 48000
+    tone = 0.4 * np.sin(2 * np.pi * 440 * t)
+    stereo = np.stack([tone, np.zeros_like(tone)], 1).astype(np.float32)  # one side only
+    mono = np.concatenate([conv.mic(stereo[i : i + 3840]) for i in range(0, len(t), 3840)])
+    assert len(mono) == 10 * FRAME
+    assert abs(np.sqrt(np.mean(mono[FRAME:] ** 2)) - 0.2 / np.sqrt(2)) < 0.01  # the mean
+    out = conv.speaker(mono[:FRAME])
+    assert out.shape == (3840, 2) and np.array_equal(out[:, 0], out[:, 1])
+
+
+class FakeSd:
+    """sounddevice as far as ``choose_format`` asks: devices that take only some formats."""
+
+    class PortAudioError(Exception):
+        pass
+
+    def __init__(self, inputs: set, outputs: set):
+        self.ok = {"input": inputs, "output": outputs}
+
+    def _check(self, kind, device, channels, dtype, samplerate):
+        if (int(samplerate), channels) not in self.ok[kind]:
+            raise self.PortAudioError("Invalid sample rate")
+
+    def check_input_settings(self, **kw):
+        self._check("input", **kw)
+
+    def check_output_settings(self, **kw):
+        self._check("output", **kw)
+
+    def query_devices(self, device):
+        return {"name": f"dev{device}"}
+
+
+def info(index, rate, channels, kind):
+    return {"index": index, "default_samplerate": rate, f"max_{kind}_channels": channels}
+
+
+def test_format_prefers_24_khz_mono_then_the_devices_own_rate_and_channels():
+    both = {(r, c) for r in (24000, 48000) for c in (1, 2)}
+    sd = FakeSd(both, both)
+    assert choose_format(sd, info(0, 48000, 2, "input"), info(1, 48000, 2, "output")) == Format()
+    sd = FakeSd({(48000, 2)}, {(44100, 1), (48000, 1), (48000, 2)})  # a stereo-only USB mic
+    fmt = choose_format(sd, info(0, 48000, 2, "input"), info(1, 44100, 2, "output"))
+    assert fmt == Format(48000, 2, 1) and fmt.block == 3840
+    sd = FakeSd({(44100, 1)}, {(44100, 2)})
+    assert choose_format(sd, info(0, 44100, 1, "input"), info(1, 44100, 2, "output")) == Format(
+        44100, 1, 2
+    )
+
+
+def test_format_without_a_common_rate_is_one_line():
+    sd = FakeSd({(48000, 1)}, {(44100, 1)})
+    with pytest.raises(MoshiError) as e:
+        choose_format(sd, info(0, 48000, 1, "input"), info(1, 44100, 1, "output"))
+    message = str(e.value)
+    assert "\n" not in message and "cannot record mono 24 kHz" in message
+    assert "tried 24, 48, 44.1, 32, 16 kHz" in message
+
+
+def test_room_convolver_streams_like_a_batch_convolution():
+    x = np.random.default_rng(0).standard_normal(4800)
+    h = echo_path(10.0, tail_ms=20.0)
+    conv = Convolver(h)
+    y = np.concatenate([conv(x[i : i + 480]) for i in range(0, len(x), 480)])
+    np.testing.assert_allclose(y, np.convolve(x, h)[: len(x)], atol=1e-9)
