@@ -85,11 +85,14 @@ class Devices:
     format: Format = field(default_factory=Format)
 
 
-def choose_devices(sd, input_spec: str | None, output_spec: str | None) -> Devices:
+def choose_devices(
+    sd, input_spec: str | None, output_spec: str | None, forced: Format | None = None
+) -> Devices:
     """Resolve the device flags (None: the system default) and pick the stream's format: 24 kHz
     mono when both devices can, else the first rate both support (the devices' own default
     rates first, then ``FALLBACK_RATES``), each in mono or, if a device refuses mono, in
-    stereo. Raises ``MoshiError`` with one line when there is no device or no such format."""
+    stereo; ``forced`` (tests) if both accept it. Raises ``MoshiError`` with one line when
+    there is no device or no such format."""
     found = {}
     for kind, spec in (("input", input_spec), ("output", output_spec)):
         dev = parse_device(spec)
@@ -108,7 +111,10 @@ def choose_devices(sd, input_spec: str | None, output_spec: str | None) -> Devic
         if info[f"max_{kind}_channels"] < 1:
             raise MoshiError(f"device {info['name']!r} has no {kind} channels ({LIST_HINT})")
         found[kind] = info
-    fmt = choose_format(sd, found["input"], found["output"])
+    if forced is not None:
+        check_device(sd, found["input"]["index"], "input", forced.rate, forced.in_channels)
+        check_device(sd, found["output"]["index"], "output", forced.rate, forced.out_channels)
+    fmt = forced or choose_format(sd, found["input"], found["output"])
     return Devices(
         found["input"]["index"],
         found["output"]["index"],

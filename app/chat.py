@@ -25,6 +25,7 @@ from moshi_mlx.errors import MoshiError
 
 from .audio import (
     DuplexAudio,
+    Format,
     LagPolicy,
     MicBlock,
     MoshiFrame,
@@ -99,7 +100,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--debug-dump", metavar="NPZ", help=argparse.SUPPRESS)
     g.add_argument("--debug-play", metavar="WAV", help=argparse.SUPPRESS)  # instead of Moshi
     g.add_argument("--debug-slow-ms", type=float, default=0.0, help=argparse.SUPPRESS)
+    # RATE:IN:OUT, the device format to open instead of choosing one (tests)
+    g.add_argument("--debug-format", type=_format, help=argparse.SUPPRESS)
     g.add_argument("--status-every", type=float, default=5.0, help=argparse.SUPPRESS)
+
+
+def _format(text: str) -> Format:
+    rate, n_in, n_out = (int(v) for v in text.split(":"))
+    return Format(rate, n_in, n_out)
 
 
 class _PortAudioStuck(Exception):
@@ -156,7 +164,9 @@ class Chat:
         _check_args(args)
         sampling = sampling_from_args(args)
         model_choice(args)  # flag errors before the devices and the model
-        devices = choose_devices(self.sd, args.input_device, args.output_device)
+        devices = choose_devices(
+            self.sd, args.input_device, args.output_device, args.debug_format
+        )
         screen = self.screen = make_screen(status_every_s=args.status_every)
         fmt = "" if devices.format.rate == SAMPLE_RATE else f" (converted from {devices.format})"
         screen.info(f"microphone: {devices.input_name} | speakers: {devices.output_name}{fmt}")
