@@ -45,8 +45,8 @@ from .options import (
     model_choice,
     sampling_from_args,
 )
-from .recording import Recorder
-from .wavio import read_wav, resample, temp_beside, to_mono
+from .recording import Recorder, transcript_path
+from .wavio import check_writable, read_wav, resample, temp_beside, to_mono
 
 HELP = "talk with Moshi: microphone -> Moshi -> speakers, full duplex, with a live transcript"
 DEFAULT_MAX_LAG_MS = 400.0
@@ -80,8 +80,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--record",
         metavar="PATH",
         help="save the conversation: WAV (1 microphone, 2 Moshi, 3 cleaned microphone with "
-        "--echo-cancel on) and a timestamped transcript beside it (PATH with .txt)",
+        "--echo-cancel on) and a timestamped transcript beside it (talk.wav -> "
+        "talk.transcript.txt); written as you talk, never over an existing file",
     )
+    g.add_argument("--force", action="store_true", help="let --record overwrite existing files")
     e = p.add_argument_group("echo cancellation (WebRTC AEC3)")
     e.add_argument(
         "--echo-cancel",
@@ -142,15 +144,11 @@ def _check_args(args: argparse.Namespace) -> None:
             raise MoshiError("--device-latency must be 'low', 'high' or seconds") from None
     if args.echo_cancel == "off" and (args.noise_suppression or args.auto_gain):
         raise MoshiError("--noise-suppression and --auto-gain need --echo-cancel on")
-    for flag, path in (("--record", args.record), ("--debug-dump", args.debug_dump)):
-        if path:
-            p = Path(path)
-            if p.is_dir():
-                raise MoshiError(f"{flag} {path} is a folder; give a file name")
-            if not p.parent.is_dir():
-                raise MoshiError(f"{flag}: the folder {p.parent} does not exist")
-            if not os.access(p.parent, os.W_OK):
-                raise MoshiError(f"{flag}: cannot write to {p.parent}")
+    if args.record:
+        for path in (Path(args.record), transcript_path(Path(args.record))):
+            check_writable(path, args.force)
+    if args.debug_dump:
+        check_writable(args.debug_dump, force=True)
 
 
 class Chat:
@@ -164,9 +162,7 @@ class Chat:
         _check_args(args)
         sampling = sampling_from_args(args)
         model_choice(args)  # flag errors before the devices and the model
-        devices = choose_devices(
-            self.sd, args.input_device, args.output_device, args.debug_format
-        )
+        devices = choose_devices(self.sd, args.input_device, args.output_device, args.debug_format)
         screen = self.screen = make_screen(status_every_s=args.status_every)
         fmt = "" if devices.format.rate == SAMPLE_RATE else f" (converted from {devices.format})"
         screen.info(f"microphone: {devices.input_name} | speakers: {devices.output_name}{fmt}")
@@ -191,7 +187,9 @@ class Chat:
             if args.echo_cancel == "on":
                 canceller = EchoCanceller(args.noise_suppression, args.auto_gain)
             stage = MicStage(audio.mic, audio.conversion.mic, canceller)
-            recorder = Recorder(args.record, cleaned=canceller is not None) if args.record else None
+            recorder = None
+            if args.record:
+                recorder = Recorder(args.record, cleaned=canceller is not None, force=args.force)
             worker.attach(audio, stage, recorder)
             stage.start()
             try:

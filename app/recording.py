@@ -2,9 +2,10 @@
 
 Channel 1 (left): what the microphone heard; channel 2 (right): what the speaker played
 (Moshi), placed on the same timeline; with echo cancellation, channel 3: the microphone as
-cleaned for the model, on the microphone's timeline. Both files are written as they come into
-temporary files beside the targets, renamed into place by ``close()``, so an interrupted chat
-never leaves a corrupt recording.
+cleaned for the model, on the microphone's timeline. Both files are written as the
+conversation goes, at their final names: the WAV's header is kept valid as it grows and each
+transcript line is written when it ends, so a chat killed mid-conversation leaves a playable
+recording missing at most its last second. Neither replaces an existing file unless forced.
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ from pathlib import Path
 import numpy as np
 
 from .loop import FRAME, SAMPLE_RATE
-from .wavio import AtomicWav, write_text
+from .wavio import WavWriter, create
 
 
 class Transcript:
-    """Text pieces with times, grouped into lines at pauses of ``pause_s`` or more."""
+    """Text pieces with times, grouped into lines at pauses of ``pause_s`` or more. Each line is
+    handed to ``on_line`` (rendered, with its newline) once the next one starts, or by
+    ``finish``."""
 
-    def __init__(self, pause_s: float = 1.0):
+    def __init__(self, pause_s: float = 1.0, on_line=None):
         self.pause_s = pause_s
+        self.on_line = on_line
         self.lines: list[tuple[float, str]] = []
         self._last_t = -np.inf
 
@@ -30,14 +34,30 @@ class Transcript:
         if not piece:
             return
         if not self.lines or t - self._last_t >= self.pause_s:
+            self.finish()
             self.lines.append((t, piece.lstrip()))
         else:
             start, text = self.lines[-1]
             self.lines[-1] = (start, text + piece)
         self._last_t = t
 
+    def finish(self) -> None:
+        """Hand the current line on (``on_line``), if any."""
+        if self.lines and self.on_line is not None:
+            self.on_line(_line(*self.lines[-1]))
+
     def render(self) -> str:
-        return "".join(f"[{_clock(t)}] {text.strip()}\n" for t, text in self.lines)
+        return "".join(_line(t, text) for t, text in self.lines)
+
+
+def _line(t: float, text: str) -> str:
+    return f"[{_clock(t)}] {text.strip()}\n"
+
+
+def transcript_path(path: Path) -> Path:
+    """The transcript beside recording ``path``: ``talk.wav`` -> ``talk.transcript.txt``
+    (never the recording's own name, whatever it is)."""
+    return path.with_name(f"{path.stem}.transcript.txt")
 
 
 def _clock(t: float) -> str:
@@ -55,17 +75,26 @@ class Recorder:
     channel holds the cleaned microphone. Thread-safe.
     """
 
-    def __init__(self, path: str | Path, settle: int = 8, cleaned: bool = False):
+    def __init__(
+        self, path: str | Path, settle: int = 8, cleaned: bool = False, force: bool = False
+    ):
         self.path = Path(path)
-        self.transcript_path = self.path.with_suffix(".txt")
-        self.transcript = Transcript()
+        self.transcript_path = transcript_path(self.path)
+        wav = create(self.path, force)
+        try:
+            self._text = create(self.transcript_path, force)
+        except BaseException:
+            wav.close()
+            self.path.unlink()
+            raise
+        self.transcript = Transcript(on_line=self._write_line)
         self.offset: int | None = None
         self.blocks = 0
         self.settle = settle
         self._early: list[tuple] = []  # blocks held until the offset is known
         self._early_text: list[tuple[int, str]] = []
         self.cleaned = cleaned
-        self._wav = AtomicWav(self.path, 3 if cleaned else 2, SAMPLE_RATE)
+        self._wav = WavWriter(wav, 3 if cleaned else 2, SAMPLE_RATE)
         self._pending_right = np.zeros(0, np.float32)
         self._lock = threading.Lock()
         self.closed = False
@@ -132,8 +161,12 @@ class Recorder:
             else:
                 self.transcript.add(self.time_of(index), piece)
 
+    def _write_line(self, line: str) -> None:
+        self._text.write(line.encode())
+        self._text.flush()
+
     def close(self) -> tuple[Path, Path]:
-        """Flush the delayed speaker audio and move both files into place."""
+        """Write the delayed speaker audio and the last transcript line, and close both."""
         with self._lock:
             if not self.closed:
                 if self.offset is None:
@@ -145,9 +178,6 @@ class Recorder:
                     columns[:, 1] = tail
                     self._wav.write(columns)
                 self._wav.close()
-                write_text(self.transcript_path, self.transcript.render())
+                self.transcript.finish()
+                self._text.close()
         return self.path, self.transcript_path
-
-    @property
-    def seconds(self) -> float:
-        return self._wav.frames / SAMPLE_RATE

@@ -1,24 +1,31 @@
 """``moshi-mlx run IN OUT``: Moshi listens to a WAV file and its answer is written to another.
 
-The input is read (any common WAV), mixed to mono and resampled to 24 kHz, then fed frame by
-frame through the same ``loop.drive`` / ``FrameDriver`` as the live chat; Moshi's frame ``t``
-lands at the same time in OUT as input frame ``t`` in IN (silence while the delays fill), so
-the two files line up. With ``--seed`` (or temperatures 0) the output is reproducible.
+The input is read as it goes (any common WAV), mixed to mono and resampled to 24 kHz frame by
+frame, and fed through the same ``loop.drive`` / ``FrameDriver`` as the live chat; Moshi's
+answer is written as it comes, so memory does not grow with the input's length. Moshi's frame
+``t`` lands at the same time in OUT as input frame ``t`` in IN (silence while the delays fill),
+so the two files line up. With ``--seed`` (or temperatures 0) the output is reproducible.
+Ctrl-C stops early and keeps what was computed as a valid, shorter OUT.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from moshi_mlx.errors import MoshiError
 
+from .loop import FRAME, FRAME_S, SAMPLE_RATE
 from .options import add_model_arguments, add_sampling_arguments, sampling_from_args
-from .wavio import read_wav, resample, to_mono, write_wav
+from .resample import StreamResampler
+from .wavio import AtomicWav, WavReader, check_writable
 
 HELP = "Moshi's answer to a WAV file: IN (any common WAV) -> OUT (24 kHz mono WAV) + transcript"
 
@@ -26,6 +33,7 @@ HELP = "Moshi's answer to a WAV file: IN (any common WAV) -> OUT (24 kHz mono WA
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", metavar="IN", help="what the user says: a WAV file (any rate)")
     p.add_argument("output", metavar="OUT", help="where to write Moshi's audio (WAV, 24 kHz)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     add_model_arguments(p)
     add_sampling_arguments(p)
     p.add_argument(
@@ -33,82 +41,117 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def read_input(path: str | Path) -> tuple[np.ndarray, dict]:
-    """Mono 24 kHz float32 audio of a WAV file, and what the file was."""
-    from .loop import SAMPLE_RATE
+def input_frames(reader: WavReader) -> Iterator[np.ndarray]:
+    """The WAV's audio as 24 kHz mono 1920-sample frames, read, mixed and resampled block by
+    block; ``ceil(duration / 80 ms)`` frames, the last one padded with silence."""
+    resampler = StreamResampler(reader.rate, SAMPLE_RATE)
+    total = math.ceil(round(reader.frames * SAMPLE_RATE / reader.rate) / FRAME)
+    pending = np.zeros(0, np.float32)
+    sent = 0
+    block = max(1, round(reader.rate * FRAME_S))
+    while sent < total:
+        x = reader.read(block)
+        if len(x):
+            mono = x.mean(axis=1, dtype=np.float32)
+        else:  # the end: push the resampler's delay (and the last frame's padding) out
+            mono = np.zeros(block, np.float32)
+        pending = np.concatenate([pending, resampler(mono)])
+        while len(pending) >= FRAME and sent < total:
+            yield pending[:FRAME]
+            pending, sent = pending[FRAME:], sent + 1
 
-    x, rate = read_wav(path)
-    if len(x) == 0:
-        raise MoshiError(f"{path} holds no audio")
-    info = {"sample_rate": rate, "channels": x.shape[1], "seconds": round(len(x) / rate, 3)}
-    return resample(to_mono(x), rate, SAMPLE_RATE), info
+
+def check_output(out: Path, args: argparse.Namespace) -> None:
+    """OUT can be written, is not IN, and is not inside the model's folder."""
+    check_writable(out, args.force)
+    resolved = out.resolve()
+    if resolved == Path(args.input).resolve():
+        raise MoshiError("OUT would overwrite IN")
+    if args.hf_path and Path(args.hf_path).is_dir():
+        if resolved.is_relative_to(Path(args.hf_path).resolve()):
+            raise MoshiError(
+                f"OUT {out} is inside the model folder {args.hf_path}; write elsewhere"
+            )
 
 
 def main(args: argparse.Namespace) -> int:
-    from .loop import FRAME, FRAME_S, SAMPLE_RATE, FrameDriver, Step, drive, split_frames
+    from .loop import FrameDriver, Step, drive
     from .options import load_model, model_choice
+    from .progress import Progress
 
     sampling = sampling_from_args(args)
     model_choice(args)  # flag errors before any slow work
     out_path = Path(args.output)
-    if out_path.is_dir():
-        raise MoshiError(f"OUT {out_path} is a folder; give a file name")
-    if not out_path.parent.is_dir():
-        raise MoshiError(f"the folder of OUT ({out_path.parent}) does not exist")
-    if out_path.exists() and out_path.resolve() == Path(args.input).resolve():
-        raise MoshiError("OUT would overwrite IN")
-    pcm, info = read_input(args.input)
+    check_output(out_path, args)
+    reader = WavReader(args.input)
+    if reader.frames == 0:
+        raise MoshiError(f"{args.input} holds no audio")
 
     def report(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    lm, mimi, tokenizer = load_model(args, report=report)
-    driver = FrameDriver(lm, mimi, tokenizer, sampling)
-    driver.warmup()
-    frames = split_frames(pcm)
-    report(f"{len(frames)} frames ({len(frames) * FRAME_S:.2f} s of audio)")
+    with reader:
+        lm, mimi, tokenizer = load_model(args, report=report)
+        driver = FrameDriver(lm, mimi, tokenizer, sampling)
+        driver.warmup()
+        total = math.ceil(round(reader.frames * SAMPLE_RATE / reader.rate) / FRAME)
+        report(f"{total} frames ({total * FRAME_S:.2f} s of audio)")
+        pieces, text_ids, compute = [], [], []
+        live_text = not args.json
+        wav = AtomicWav(out_path, 1, SAMPLE_RATE, force=args.force)
+        interrupted = False
 
-    steps: list[Step] = []
-    live_text = not args.json
+        def collect(_frame, step: Step) -> None:
+            wav.write(step.pcm[:, None])
+            text_ids.append(step.text_id)
+            compute.append(step.compute_s)
+            if step.text:
+                pieces.append({"frame": step.index, "t": round(step.index * FRAME_S, 2),
+                               "text": step.text})  # fmt: skip
+                if live_text:
+                    print(step.text, end="", flush=True)
+            advance(step.index + 1, total)
 
-    def collect(_frame, step: Step) -> None:
-        steps.append(step)
-        if live_text and step.text:
-            print(step.text, end="", flush=True)
+        try:
+            with Progress("moshi-mlx run") as progress:
+                advance = progress.task("answering") if live_text else (lambda done, n: None)
+                start = time.perf_counter()
+                drive(driver, input_frames(reader), collect)
+        except KeyboardInterrupt:
+            interrupted = True
+        except BaseException:
+            wav.discard()
+            raise
+        wav.close()
 
-    drive(driver, frames, collect)
-    audio = np.concatenate([s.pcm for s in steps])
-    write_wav(out_path, audio, SAMPLE_RATE)
-
-    compute = np.array([s.compute_s for s in steps])
-    text = "".join(s.text for s in steps)
+    seconds = wav.frames / SAMPLE_RATE
+    median = float(np.median(compute)) if compute else math.nan
+    text = "".join(p["text"] for p in pieces)
     if args.json:
-        result = {
+        print(json.dumps({
             "input": str(args.input),
             "output": str(out_path),
-            "input_sample_rate": info["sample_rate"],
-            "input_channels": info["channels"],
-            "input_seconds": info["seconds"],
+            "input_sample_rate": reader.rate,
+            "input_channels": reader.channels,
+            "input_seconds": round(reader.frames / reader.rate, 3),
             "sample_rate": SAMPLE_RATE,
-            "frames": len(steps),
-            "seconds": round(len(audio) / SAMPLE_RATE, 3),
+            "frames": len(text_ids),
+            "seconds": round(seconds, 3),
+            "interrupted": interrupted,
             "text": text.strip(),
-            "pieces": [
-                {"frame": s.index, "t": round(s.index * FRAME / SAMPLE_RATE, 2), "text": s.text}
-                for s in steps
-                if s.text
-            ],
-            "text_ids": [s.text_id for s in steps],
+            "pieces": pieces,
+            "text_ids": text_ids,
             "seed": sampling.seed,
-            "compute_ms_median": round(float(np.median(compute)) * 1000, 2),
-            "rtf_median": round(float(np.median(compute)) / FRAME_S, 3),
-        }
-        print(json.dumps(result))
+            "compute_ms_median": round(median * 1000, 2),
+            "rtf_median": round(median / FRAME_S, 3),
+        }))  # fmt: skip
     else:
         print(flush=True)
         report(
-            f"wrote {out_path}: {len(audio) / SAMPLE_RATE:.2f} s; compute "
-            f"{np.median(compute) * 1000:.1f} ms/frame (median), RTF "
-            f"{np.median(compute) / FRAME_S:.2f}"
+            f"wrote {out_path}: {seconds:.2f} s in {time.perf_counter() - start:.1f} s; "
+            f"compute {median * 1000:.1f} ms/frame (median), RTF {median / FRAME_S:.2f}"
         )
+    if interrupted:
+        report(f"interrupted: {out_path} holds the first {seconds:.2f} s of the answer")
+        return 130
     return 0

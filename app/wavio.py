@@ -1,89 +1,157 @@
 """WAV files in and out, and resampling, with numpy only.
 
-``read_wav`` reads the common WAV flavours (8/16/24/32-bit PCM, 32/64-bit float, plain or
-WAVE_FORMAT_EXTENSIBLE headers); ``write_wav`` writes 16-bit PCM through a temporary file that
-is renamed into place, so a reader never sees a half-written file; ``resample`` changes the
-sample rate by band-limited (Kaiser-windowed sinc) interpolation.
+``WavReader`` streams the common WAV flavours (8/16/24/32-bit PCM, 32/64-bit float, plain or
+WAVE_FORMAT_EXTENSIBLE headers): the header is checked first (an impossible rate, channel count
+or block size is one line of error; a file shorter than its header says is read with a one-line
+warning), then blocks are read as they are needed, so a long file never sits in memory whole.
+``WavWriter`` writes 16-bit PCM whose header is kept valid as the file grows, so a process
+killed while writing leaves a playable file missing at most its last second; ``AtomicWav``
+writes one under a temporary name renamed into place at the end. ``resample`` changes the
+sample rate of a whole signal (band-limited, Kaiser-windowed sinc interpolation).
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import re
 import secrets
 import struct
-import wave
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from moshi_mlx.errors import MoshiError
+from moshi_mlx.errors import MoshiError, MoshiWarning
 
 from .resample import kaiser_sinc_bank
 
 _PCM, _FLOAT, _EXTENSIBLE = 1, 3, 0xFFFE
+RATES = (1000, 768_000)  # sample rates a WAV header may claim
+MAX_CHANNELS = 64
+FIX = "convert it first, e.g. ffmpeg -i {name} -c:a pcm_s16le input.wav"
 
 
 class WavError(MoshiError):
     """A file that is not a WAV this module can read; the message is one line."""
 
 
+class WavReader:
+    """A WAV file read block by block: ``rate``, ``channels``, ``frames`` (what the file holds)
+    and ``read(n)`` -> ``[<= n, channels]`` float32 in [-1, 1] (empty at the end)."""
+
+    def __init__(self, path: str | Path):
+        self.path = path = Path(path)
+        try:
+            self._file = open(path, "rb")
+        except FileNotFoundError:
+            raise WavError(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise WavError(f"{path} is a folder, not a WAV file") from None
+        except OSError as e:
+            raise WavError(f"{path}: cannot read ({e.strerror})") from None
+        try:
+            self._parse(os.fstat(self._file.fileno()).st_size)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _parse(self, size: int) -> None:
+        path, f = self.path, self._file
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:] != b"WAVE":
+            raise WavError(f"{path} is not a WAV file; " + FIX.format(name=path.name))
+        fmt = None
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                raise WavError(
+                    f"{path}: broken WAV file (no {'fmt' if fmt is None else 'data'} chunk)"
+                )
+            cid, length = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+            if cid == b"data":
+                break
+            if cid == b"fmt ":
+                body = f.read(length)
+                if len(body) < 16:
+                    raise WavError(f"{path}: broken WAV header (fmt chunk of {len(body)} bytes)")
+                fmt = struct.unpack("<HHIIHH", body[:16])
+                if fmt[0] == _EXTENSIBLE and len(body) >= 26:
+                    fmt = (struct.unpack("<H", body[24:26])[0],) + fmt[1:]
+                f.seek(length & 1, os.SEEK_CUR)
+            else:
+                f.seek(length + (length & 1), os.SEEK_CUR)
+        if fmt is None:
+            raise WavError(f"{path}: broken WAV file (its data comes before its format)")
+        tag, channels, rate, _, align, bits = fmt
+        if not 1 <= channels <= MAX_CHANNELS:
+            raise WavError(f"{path}: broken WAV header ({channels} channels)")
+        if not RATES[0] <= rate <= RATES[1]:
+            raise WavError(f"{path}: broken WAV header (a sample rate of {rate} Hz)")
+        supported = bits in ((32, 64) if tag == _FLOAT else (8, 16, 24, 32) if tag == _PCM else ())
+        if not supported:
+            raise WavError(
+                f"{path}: unsupported WAV encoding (format {tag:#x}, {bits} bit); "
+                + FIX.format(name=path.name)
+            )
+        if align != channels * bits // 8:
+            raise WavError(f"{path}: broken WAV header (blocks of {align} bytes for {channels} "
+                           f"channels of {bits} bit)")  # fmt: skip
+        self.rate, self.channels, self._tag, self._bits, self._align = (
+            rate,
+            channels,
+            tag,
+            bits,
+            align,
+        )
+        there = size - f.tell()
+        if length > there:
+            warnings.warn(
+                f"{path} is shorter than its header says: reading the "
+                f"{there // align / rate:.2f} s that are there",
+                MoshiWarning,
+                stacklevel=3,
+            )
+        self.frames = min(length, there) // align
+        self._left = self.frames
+
+    def read(self, n: int | None = None) -> np.ndarray:
+        n = self._left if n is None else min(n, self._left)
+        raw = self._file.read(n * self._align)
+        n = len(raw) // self._align
+        self._left -= n
+        x = _decode(raw[: n * self._align], self._tag, self._bits)
+        return x.reshape(n, self.channels)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> WavReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
-    """``(samples [frames, channels] float32 in [-1, 1], sample_rate)``."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise WavError(f"{path}: no such file") from None
-    except OSError as e:
-        raise WavError(f"{path}: cannot read ({e.strerror})") from None
-    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        raise WavError(
-            f"{path} is not a WAV file; convert it first, e.g. ffmpeg -i {path.name} input.wav"
-        )
-    fmt = None
-    samples = None
-    pos = 12
-    while pos + 8 <= len(data):
-        cid, size = data[pos : pos + 4], struct.unpack("<I", data[pos + 4 : pos + 8])[0]
-        body = data[pos + 8 : pos + 8 + size]
-        if cid == b"fmt ":
-            if len(body) < 16:
-                raise WavError(f"{path}: broken WAV header (fmt chunk of {len(body)} bytes)")
-            fmt = struct.unpack("<HHIIHH", body[:16])
-            if fmt[0] == _EXTENSIBLE and len(body) >= 26:
-                fmt = (struct.unpack("<H", body[24:26])[0],) + fmt[1:]
-        elif cid == b"data":
-            samples = body  # a truncated file keeps what is there
-        pos += 8 + size + (size & 1)
-    if fmt is None or samples is None:
-        raise WavError(f"{path}: broken WAV file (no {'fmt' if fmt is None else 'data'} chunk)")
-    tag, channels, rate, _, _, bits = fmt
-    if channels < 1 or rate < 1:
-        raise WavError(f"{path}: broken WAV header ({channels} channels at {rate} Hz)")
-    x = _decode(samples, tag, bits, path)
-    x = x[: len(x) // channels * channels].reshape(-1, channels)
-    return x, rate
+    """A whole WAV file: ``(samples [frames, channels] float32 in [-1, 1], sample_rate)``."""
+    with WavReader(path) as r:
+        return r.read(), r.rate
 
 
-def _decode(raw: bytes, tag: int, bits: int, path: Path) -> np.ndarray:
-    if tag == _FLOAT and bits in (32, 64):
-        x = np.frombuffer(raw[: len(raw) // (bits // 8) * (bits // 8)], f"<f{bits // 8}")
-        return np.nan_to_num(x.astype(np.float32))
-    if tag != _PCM or bits not in (8, 16, 24, 32):
-        raise WavError(
-            f"{path}: unsupported WAV encoding (format {tag:#x}, {bits} bit); "
-            f"use PCM or float, e.g. ffmpeg -i {path.name} -c:a pcm_s16le input.wav"
-        )
+def _decode(raw: bytes, tag: int, bits: int) -> np.ndarray:
+    if tag == _FLOAT:
+        x = np.frombuffer(raw, f"<f{bits // 8}")
+        return np.clip(np.nan_to_num(x.astype(np.float32)), -1.0, 1.0)
     if bits == 8:  # unsigned
         return (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
     if bits == 24:
-        b = np.frombuffer(raw[: len(raw) // 3 * 3], np.uint8).reshape(-1, 3).astype(np.int32)
+        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
         v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
         v = np.where(v >= 1 << 23, v - (1 << 24), v)
         return v.astype(np.float32) / float(1 << 23)
-    width = bits // 8
-    v = np.frombuffer(raw[: len(raw) // width * width], f"<i{width}")
+    v = np.frombuffer(raw, f"<i{bits // 8}")
     return (v.astype(np.float64) / float(1 << (bits - 1))).astype(np.float32)
 
 
@@ -100,36 +168,76 @@ def write_wav(path: str | Path, samples: np.ndarray, sample_rate: int) -> None:
         w.write(x)
 
 
-class AtomicWav:
-    """A 16-bit PCM WAV written progressively into a temporary file beside ``path`` and renamed
-    to ``path`` by ``close()``; ``discard()`` removes it instead."""
+class WavWriter:
+    """16-bit PCM WAV written to the binary file ``file`` as samples come; the header's sizes
+    are updated every ``sync_s`` seconds of audio (and at ``close``), so that the file is a
+    playable WAV of what was written up to then, whatever happens to the process."""
 
-    def __init__(self, path: str | Path, channels: int, sample_rate: int):
-        self.path = Path(path)
-        self.tmp = temp_beside(self.path)
+    def __init__(self, file, channels: int, sample_rate: int, sync_s: float = 1.0):
+        self.file, self.channels, self.rate = file, channels, sample_rate
         self.frames = 0
-        self._file = open(self.tmp, "xb")
-        self._w = wave.open(self._file, "wb")
-        self._w.setnchannels(channels)
-        self._w.setsampwidth(2)
-        self._w.setframerate(sample_rate)
+        self._sync_every = max(1, int(sync_s * sample_rate))
+        self._synced = 0
+        self._header()
+
+    def _header(self) -> None:
+        data = self.frames * self.channels * 2
+        block = self.channels * 2
+        self.file.write(
+            b"RIFF" + struct.pack("<I", 36 + data) + b"WAVE"
+            + b"fmt " + struct.pack("<IHHIIHH", 16, _PCM, self.channels, self.rate,
+                                    self.rate * block, block, 16)
+            + b"data" + struct.pack("<I", data)
+        )  # fmt: skip
+
+    def _sync(self) -> None:
+        end = self.file.tell()
+        self.file.seek(0)
+        self._header()
+        self.file.seek(end)
+        self.file.flush()
+        self._synced = self.frames
 
     def write(self, samples: np.ndarray) -> None:
         """Append ``[frames, channels]`` float samples."""
-        self._w.writeframesraw(to_int16(samples).tobytes())
+        self.file.write(to_int16(samples).tobytes())
         self.frames += len(samples)
+        if self.frames - self._synced >= self._sync_every:
+            self._sync()
+
+    def close(self) -> None:
+        self._sync()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+
+class AtomicWav(WavWriter):
+    """A ``WavWriter`` on a temporary file beside ``path``, moved to ``path`` by ``close()``
+    (replacing a file there only with ``force``, see ``check_writable``); ``discard()`` removes
+    it instead. The temporary of a killed process is removed by the next ``AtomicWav`` for the
+    same path."""
+
+    def __init__(self, path: str | Path, channels: int, sample_rate: int, force: bool = True):
+        self.path, self.force = check_writable(path, force), force
+        remove_stale_temps(self.path)
+        self.tmp = temp_beside(self.path)
+        super().__init__(open(self.tmp, "xb"), channels, sample_rate)
 
     def close(self) -> Path:
-        self._w.close()  # patches the header's sizes
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.tmp, self.path)
+        super().close()
+        try:
+            check_writable(self.path, self.force)  # again: things change while we compute
+            if not self.force and _link(self.tmp, self.path):
+                self.tmp.unlink()
+            else:
+                os.replace(self.tmp, self.path)
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
         return self.path
 
     def discard(self) -> None:
-        self._w.close()
-        self._file.close()
+        self.file.close()
         self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> AtomicWav:
@@ -142,19 +250,82 @@ class AtomicWav:
             self.discard()
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """Write a text file through a temporary file renamed into place."""
-    path = Path(path)
-    tmp = temp_beside(path)
-    with open(tmp, "x", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _link(src: Path, dst: Path) -> bool:
+    """Hard-link ``src`` to ``dst``, which never replaces a file (one that appeared a moment
+    ago is refused); False where the file system has no hard links."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise MoshiError(f"{dst} appeared meanwhile; it was left untouched") from None
+    except OSError as e:
+        if e.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            return False
+        raise
+    return True
 
 
 def temp_beside(path: Path) -> Path:
     """A fresh hidden name in ``path``'s folder, for a file renamed to ``path`` once written
     (same filesystem, so the rename is atomic; created with the usual permissions)."""
     return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Remove the ``temp_beside(path)`` files of processes that are gone (killed mid-write)."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)-[0-9a-f]+\.tmp")
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        m = pattern.fullmatch(tmp.name)
+        if m and tmp.is_file() and not tmp.is_symlink() and not _alive(int(m[1])):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def check_writable(path: str | Path, force: bool = False) -> Path:
+    """Check, before any slow work, that a new file can be written at ``path``: its folder
+    exists and is writable, its name fits the file system, and nothing is in the way (a
+    symbolic link is never written through, anything but a regular file never replaced, a
+    regular file only with ``force``). One line naming the problem otherwise."""
+    path = Path(path)
+    if path.is_symlink():
+        raise MoshiError(f"{path} is a symbolic link; refusing to write through it")
+    if path.exists():
+        if not path.is_file():
+            raise MoshiError(f"{path} exists and is not a regular file; pick another name")
+        if not force:
+            raise MoshiError(f"{path} exists; pick another name, or pass --force to overwrite it")
+    folder = path.parent
+    if not folder.is_dir():
+        raise MoshiError(f"the folder of {path} ({folder}) does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise MoshiError(f"cannot write to the folder {folder}")
+    if len(os.fsencode(path.name)) > os.pathconf(folder, "PC_NAME_MAX"):
+        raise MoshiError(f"the file name {path.name[:40]}... is too long for this file system")
+    if len(os.fsencode(str(path.absolute()))) >= os.pathconf(folder, "PC_PATH_MAX"):
+        raise MoshiError(f"the path {str(path)[:40]}... is too long for this file system")
+    return path
+
+
+def create(path: str | Path, force: bool = False):
+    """Open a new file at ``path`` for writing (binary), after ``check_writable``; the open
+    itself never follows a link, nor replaces a file that appeared since unless ``force``."""
+    path = check_writable(path, force)
+    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags | (os.O_TRUNC if force else os.O_EXCL), 0o666)
+    except FileExistsError:
+        raise MoshiError(
+            f"{path} exists; pick another name, or pass --force to overwrite it"
+        ) from None
+    return os.fdopen(fd, "wb")
 
 
 def to_mono(x: np.ndarray) -> np.ndarray:
