@@ -378,6 +378,14 @@ class NativeStderrFilter:
     else through. Linux only; a no-op elsewhere or when fd 2 cannot be redirected."""
 
     NOISE = ("ALSA lib ", "Expression '", "Cannot connect to server", "jack server is not")
+    _active: NativeStderrFilter | None = None
+
+    @classmethod
+    def original_stderr(cls) -> int:
+        """The file descriptor of the real stderr while a filter is active (else 2), for
+        writing when the filter's thread may not get to forward it (signal handlers)."""
+        active = cls._active
+        return active._saved if active is not None and active._saved is not None else 2
 
     def __init__(self):
         self._saved = None
@@ -398,6 +406,7 @@ class NativeStderrFilter:
             return self
         self._thread = threading.Thread(target=self._pump, args=(read_fd,), daemon=True)
         self._thread.start()
+        NativeStderrFilter._active = self
         return self
 
     def _pump(self, read_fd: int) -> None:
@@ -424,6 +433,7 @@ class NativeStderrFilter:
     def __exit__(self, *exc) -> None:
         if self._saved is None:
             return
+        NativeStderrFilter._active = None
         sys.stderr.flush()
         os.dup2(self._saved, 2)  # closes the pipe's last write end: the pump sees EOF
         self._thread.join(timeout=2)

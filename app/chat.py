@@ -112,8 +112,21 @@ def _format(text: str) -> Format:
     return Format(rate, n_in, n_out)
 
 
-class _PortAudioStuck(Exception):
-    """PortAudio did not return from stopping a stream (its device vanished)."""
+class _LeaveNow(Exception):
+    """End the process at once with ``code``, after the one-line ``message`` if any.
+
+    The interpreter's normal exit stops PortAudio and waits for threads: with a sound device
+    that vanished, or the model thread still inside MLX, that can hang for good or abort the
+    process. Whatever must be kept (recording, summary) is written before this is raised.
+    """
+
+
+def _leave(code: int, message: str | None = None) -> None:
+    if message:
+        print(f"moshi-mlx chat: {message}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -124,24 +137,22 @@ def main(args: argparse.Namespace) -> int:
                 print(list_devices(sd))
                 return 0
             return Chat(args, sd).run()
-    except _PortAudioStuck as e:
-        # A blocked PortAudio would also hang the interpreter's exit (sounddevice terminates
-        # PortAudio then); the recording and summary are written, so leave at once.
-        if e.args[0]:
-            print(f"moshi-mlx chat: error: {e.args[0]}", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1 if e.args[0] else 0)
+    except _LeaveNow as e:
+        _leave(*e.args)
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if not args.max_lag_ms >= FRAME_S * 1000:
-        raise MoshiError(f"--max-lag-ms must be at least {FRAME_S * 1000:g} (one frame)")
+    if not FRAME_S * 1000 <= args.max_lag_ms < math.inf:
+        raise MoshiError(
+            f"--max-lag-ms must be a finite number of ms, at least {FRAME_S * 1000:g} (a frame)"
+        )
     if args.device_latency not in ("low", "high"):
         try:
             args.device_latency = float(args.device_latency)
         except ValueError:
-            raise MoshiError("--device-latency must be 'low', 'high' or seconds") from None
+            args.device_latency = math.nan
+        if not 0 <= args.device_latency <= 10:
+            raise MoshiError("--device-latency must be 'low', 'high' or seconds (0 to 10)")
     if args.echo_cancel == "off" and (args.noise_suppression or args.auto_gain):
         raise MoshiError("--noise-suppression and --auto-gain need --echo-cancel on")
     if args.record:
@@ -179,8 +190,7 @@ class Chat:
                     raise worker.error
                 if self.stop.is_set():
                     screen.info("stopped before the conversation started")
-                    worker.halt.set()
-                    return 0
+                    raise _LeaveNow(0)  # the model thread may be deep inside a load
             self._pump(worker)
             audio = DuplexAudio(self.sd, devices, max_waiting, args.device_latency)
             canceller = None
@@ -209,13 +219,11 @@ class Chat:
             worker.join(timeout=30)
             self._pump(worker)
             screen.close()
-            restore()
             if audio is not None:
                 self._finish(worker, audio, recorder)
-        if audio is not None and audio.stuck:
-            raise _PortAudioStuck(failure)
-        if failure:
-            raise MoshiError(failure)
+        if failure or (audio is not None and audio.stuck) or worker.is_alive():
+            raise _LeaveNow(1 if failure else 0, failure and f"error: {failure}")
+        restore()  # only now: a second Ctrl-C while finishing must still end at once
         return 0
 
     def _converse(self, worker: ComputeWorker, audio: DuplexAudio) -> str | None:
@@ -261,11 +269,14 @@ class Chat:
         self.screen.summary(worker.summary())
 
     def _catch_signals(self):
-        """Ctrl-C (and SIGTERM) ask for a clean stop; a second Ctrl-C interrupts at once."""
+        """Ctrl-C (and SIGTERM) ask for a clean stop; a second one ends the process at once
+        (the recording is a valid file at all times, missing at most its last second)."""
+        stderr = NativeStderrFilter.original_stderr()
 
         def on_signal(signum, frame):
             if self.stop.is_set():
-                raise KeyboardInterrupt
+                os.write(stderr, b"moshi-mlx chat: stopped at once\n")
+                os._exit(130)
             self.stop.set()
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -119,6 +119,8 @@ def model_name(args: argparse.Namespace, quantization=None) -> str:
     from moshi_mlx.errors import MoshiError
 
     if args.hf_path is not None:
+        if not args.hf_path.strip():
+            raise MoshiError("--hf-path is empty; give a model folder or a Hugging Face repo id")
         return args.hf_path
     if quantization is None:
         return DEFAULT_MODEL

@@ -260,7 +260,7 @@ def test_chat_loopback_mic_reaches_the_model_and_its_frames_reach_the_speaker(
     bus_offset = bus_match["speaker_at"] - bus_match["mic_at"]
     offset_error_ms = (rec_offset - bus_offset) / SAMPLE_RATE * 1000
     assert abs(offset_error_ms) < 30
-    assert (tmp_path / "talk.txt").is_file()
+    assert (tmp_path / "talk.transcript.txt").is_file()
 
     statuses = [line for line in chat.out if line.startswith("status ")]
     assert statuses and "rtf=" in statuses[-1] and "latency_ms=" in statuses[-1]
@@ -378,7 +378,7 @@ def test_chat_without_any_device_says_so_in_one_line(card, tmp_path, model_dir):
     [
         (["--output-device", "no-such-speaker"], "No output device matching 'no-such-speaker'"),
         (["--input-device", "42"], "there is no input device 42"),
-        (["--max-lag-ms", "10"], "--max-lag-ms must be at least 80"),
+        (["--max-lag-ms", "10"], "--max-lag-ms must be a finite number of ms, at least 80"),
         (["--record", "/no/such/folder/x.wav"], "does not exist"),
         (["--device-latency", "fast"], "--device-latency must be"),
         (["--hf-path", "/no/such/model"], "no such folder: /no/such/model"),
