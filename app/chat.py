@@ -40,9 +40,12 @@ from .echo import EchoCanceller, MicStage
 from .loop import FRAME, FRAME_S, SAMPLE_RATE, FrameDriver, Step, drive, split_frames
 from .options import (
     add_model_arguments,
+    add_persona_arguments,
     add_sampling_arguments,
+    check_persona_args,
     load_model,
     model_choice,
+    prompt_from_args,
     sampling_from_args,
 )
 from .recording import Recorder, transcript_path
@@ -60,6 +63,7 @@ STREAM_STOPPED = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     add_sampling_arguments(p)
+    add_persona_arguments(p)
     g = p.add_argument_group("audio")
     g.add_argument("--list-devices", action="store_true", help="list the sound devices and exit")
     g.add_argument("--input-device", help="microphone: device index or (part of a) name")
@@ -173,6 +177,7 @@ class Chat:
         _check_args(args)
         sampling = sampling_from_args(args)
         model_choice(args)  # flag errors before the devices and the model
+        check_persona_args(args)
         devices = choose_devices(self.sd, args.input_device, args.output_device, args.debug_format)
         screen = self.screen = make_screen(status_every_s=args.status_every)
         fmt = "" if devices.format.rate == SAMPLE_RATE else f" (converted from {devices.format})"
@@ -332,12 +337,14 @@ class ComputeWorker(threading.Thread):
         try:
             lm, mimi, tokenizer = load_model(self.args, report=self._info)
             self.no_codes = np.full(lm.cfg.dep_q, -1)
-            driver = FrameDriver(
-                lm, mimi, tokenizer, self.sampling, slow_s=self.args.debug_slow_ms / 1000
-            )
-            self._info("warming up")
+            prompt = prompt_from_args(self.args, mimi, tokenizer, report=self._info)
+            driver = FrameDriver(lm, mimi, tokenizer, self.sampling,
+                                 slow_s=self.args.debug_slow_ms / 1000, prompt=prompt)  # fmt: skip
+            self._info("warming up" + (" and applying the persona prompt" if prompt else ""))
             seconds = driver.warmup()
             self._info(f"warm-up done in {seconds:.1f} s")
+            if prompt is not None:
+                self._info(f"persona prompt applied in {driver.prompt_s:.2f} s")
             self.ready.set()
             while not self.go.wait(0.05):
                 if self.halt.is_set():

@@ -20,6 +20,15 @@ FRAME_S = FRAME / SAMPLE_RATE
 
 
 @dataclass
+class Prompt:
+    """PersonaPlex's system prompt (``LmGen.system_prompt``): Mimi codes of a recording of the
+    voice ``[1, 8, F]`` and/or the token ids of the role's text."""
+
+    voice_codes: object | None = None
+    text_tokens: list[int] | None = None
+
+
+@dataclass
 class Step:
     """What one frame of compute produced."""
 
@@ -40,7 +49,7 @@ class FrameDriver:
     live chat copes with compute that cannot keep up.
     """
 
-    def __init__(self, lm, mimi, tokenizer, sampling, slow_s: float = 0.0):
+    def __init__(self, lm, mimi, tokenizer, sampling, slow_s: float = 0.0, prompt=None):
         from moshi_mlx.generate import LmGen
         from moshi_mlx.session import DuplexSession
         from moshi_mlx.text import TextStreamer
@@ -49,12 +58,18 @@ class FrameDriver:
         self.session = DuplexSession(lm, mimi, self.gen)
         self.streamer = TextStreamer(tokenizer) if tokenizer is not None else None
         self.slow_s = slow_s
+        self.prompt = prompt
         self.index = 0
 
     def reset(self) -> None:
-        """Start the conversation over; with a seed, sampling restarts from the same state."""
+        """Start the conversation over, with the system prompt when there is one (its time in
+        ``prompt_s``); with a seed, sampling restarts from the same state."""
         self.session.reset()
         self.index = 0
+        if self.prompt is not None:
+            t0 = time.perf_counter()
+            self.gen.system_prompt(self.prompt.voice_codes, self.prompt.text_tokens)
+            self.prompt_s = time.perf_counter() - t0
 
     def warmup(self, frames: int = 2) -> float:
         """Run ``frames`` frames of silence (compiling and allocating what the first real frames

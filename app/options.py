@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable, Collection
+from pathlib import Path
 
 DEFAULT_MODEL = "kyutai/moshiko-mlx-q4"
 KYUTAI_REPOS = {(4, 32): "kyutai/moshiko-mlx-q4", (8, 64): "kyutai/moshiko-mlx-q8"}
@@ -167,3 +168,49 @@ def load_model(
         report(f"quantized the LM to {quantize_report(model.lm)}")
     report(f"model ready in {time.perf_counter() - start:.1f} s")
     return model
+
+
+def add_persona_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("persona (NVIDIA PersonaPlex's system prompt)")
+    g.add_argument(
+        "--voice-prompt",
+        metavar="WAV|SAFETENSORS",
+        help="the voice Moshi speaks with: a recording of it (any WAV), or a voice prompt "
+        "saved by `moshi-mlx persona save`",
+    )
+    g.add_argument("--text-prompt", metavar="TEXT", help="who Moshi is: the role, in words")
+
+
+def check_persona_args(args: argparse.Namespace) -> None:
+    """Flag errors of the persona flags, before any slow work."""
+    from moshi_mlx.errors import MoshiError
+
+    if args.text_prompt is not None and not args.text_prompt.strip():
+        raise MoshiError("--text-prompt is empty; give the role in words, or leave it out")
+    if args.voice_prompt is not None and not Path(args.voice_prompt).is_file():
+        raise MoshiError(f"--voice-prompt: no such file: {args.voice_prompt}")
+
+
+def prompt_from_args(args: argparse.Namespace, mimi, tokenizer, report=print):
+    """The ``loop.Prompt`` of ``--voice-prompt`` / ``--text-prompt`` (None without them): the
+    voice read (any WAV, resampled to 24 kHz, loudness-normalised and encoded by
+    ``moshi_mlx.persona``) or loaded, the role tokenized. On the model's thread."""
+    from moshi_mlx import persona
+
+    from .loop import SAMPLE_RATE, Prompt
+    from .wavio import read_wav, resample, to_mono
+
+    if args.voice_prompt is None and args.text_prompt is None:
+        return None
+    voice = None  # (LmGen.system_prompt warns once on a model not trained for prompts)
+    if args.voice_prompt is not None and Path(args.voice_prompt).suffix.lower() != ".wav":
+        voice = persona.load_voice_prompt(args.voice_prompt, mimi)
+    elif args.voice_prompt is not None:
+        x, rate = read_wav(args.voice_prompt)
+        voice = persona.voice_prompt_from_pcm(mimi, resample(to_mono(x), rate, SAMPLE_RATE),
+                                              SAMPLE_RATE)  # fmt: skip
+        report(f"voice prompt: {voice.shape[-1] * 0.08:.1f} s of {args.voice_prompt}")
+    text = None
+    if args.text_prompt is not None:
+        text = persona.text_prompt_tokens(tokenizer, args.text_prompt)
+    return Prompt(voice, text)

@@ -23,7 +23,13 @@ import numpy as np
 from moshi_mlx.errors import MoshiError
 
 from .loop import FRAME, FRAME_S, SAMPLE_RATE
-from .options import add_model_arguments, add_sampling_arguments, sampling_from_args
+from .options import (
+    add_model_arguments,
+    add_persona_arguments,
+    add_sampling_arguments,
+    check_persona_args,
+    sampling_from_args,
+)
 from .resample import StreamResampler
 from .wavio import AtomicWav, WavReader, check_writable
 
@@ -36,6 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     add_model_arguments(p)
     add_sampling_arguments(p)
+    add_persona_arguments(p)
     p.add_argument(
         "--json", action="store_true", help="print one JSON object (transcript, timings) only"
     )
@@ -76,11 +83,12 @@ def check_output(out: Path, args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from .loop import FrameDriver, Step, drive
-    from .options import load_model, model_choice
+    from .options import load_model, model_choice, prompt_from_args
     from .progress import Progress
 
     sampling = sampling_from_args(args)
     model_choice(args)  # flag errors before any slow work
+    check_persona_args(args)
     out_path = Path(args.output)
     check_output(out_path, args)
     reader = WavReader(args.input)
@@ -92,8 +100,11 @@ def main(args: argparse.Namespace) -> int:
 
     with reader:
         lm, mimi, tokenizer = load_model(args, report=report)
-        driver = FrameDriver(lm, mimi, tokenizer, sampling)
+        prompt = prompt_from_args(args, mimi, tokenizer, report=report)
+        driver = FrameDriver(lm, mimi, tokenizer, sampling, prompt=prompt)
         driver.warmup()
+        if prompt is not None:
+            report(f"persona prompt applied in {driver.prompt_s:.2f} s")
         total = math.ceil(round(reader.frames * SAMPLE_RATE / reader.rate) / FRAME)
         report(f"{total} frames ({total * FRAME_S:.2f} s of audio)")
         pieces, text_ids, compute = [], [], []

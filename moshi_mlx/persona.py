@@ -96,8 +96,11 @@ def save_voice_prompt(path: str | Path, codes: mx.array, mimi) -> None:
             f"voice prompt codes must be [1, {VOICE_PROMPT_CODEBOOKS}, frames], got "
             f"{list(codes.shape)}"
         )
+    from safetensors.numpy import save_file
+
     metadata = {"format": VOICE_PROMPT_FORMAT, **_codec(mimi)}
-    mx.save_safetensors(str(path), {"codes": codes.astype(mx.int32)}, metadata=metadata)
+    # safetensors writes exactly ``path`` (MLX's writer would append ".safetensors")
+    save_file({"codes": np.array(codes.astype(mx.int32))}, str(path), metadata=metadata)
 
 
 def load_voice_prompt(path: str | Path, mimi) -> mx.array:

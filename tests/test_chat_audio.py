@@ -457,3 +457,15 @@ def test_chat_through_devices_at_other_rates_and_channels(card, model_dir, tmp_p
         "latency_estimate_error_ms": round(float(error_ms), 1),
         "recording_offset_error_ms": round(float(offset_error_ms), 1),
     })  # fmt: skip
+
+
+def test_chat_applies_a_role_prompt_and_says_how_long_it_took(card, model_dir, tmp_path):
+    chat = Chat(card, "--hf-path", model_dir, "--text-prompt", "You are a pirate.")
+    try:
+        chat.wait_for("speak now")
+        rc = chat.interrupt()
+    finally:
+        chat.kill()
+    assert rc == 0, (chat.out, chat.err)
+    assert any(line.startswith("persona prompt applied in ") for line in chat.out), chat.out
+    assert any("not trained for system prompts" in line for line in chat.err)  # fixture: Moshiko

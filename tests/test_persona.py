@@ -12,16 +12,18 @@ import json
 import re
 import shutil
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import FIXTURES, FULL_SIZE_KEYS, LM_DIR, MIMI_DIR
+from conftest import FIXTURES, FULL_SIZE_KEYS, LM_DIR, MIMI_DIR, moshi_mlx_cmd
 from mlx.utils import tree_flatten
 
 import moshi_mlx
 from moshi_mlx import Lm, LmConfig, LmGen, persona
+from moshi_mlx.app.wavio import write_wav
 from moshi_mlx.errors import MoshiError, MoshiWarning
 from moshi_mlx.loading import as_lm_config
 from moshi_mlx.loudness import normalize_loudness
@@ -564,3 +566,91 @@ def test_voice_prompt_files_of_other_kinds_are_refused(mimi, tmp_path):
         persona.load_voice_prompt(WEIGHTS, mimi)
     with pytest.raises(MoshiError, match=r"must be \[1, 8, frames\]"):
         persona.save_voice_prompt(tmp_path / "v.safetensors", mx.zeros((1, 7, 2)), mimi)
+
+
+# ---- the command line: persona save, --voice-prompt and --text-prompt ------------------------
+
+
+@pytest.fixture(scope="module")
+def persona_folder(tmp_path_factory, spm_model) -> Path:
+    """The PersonaPlex fixture laid out like nvidia/personaplex-7b-v1 (PyTorch release)."""
+    folder = tmp_path_factory.mktemp("personaplex-fixture")
+    shutil.copy(WEIGHTS, folder / "model.safetensors")
+    shutil.copy(CONFIG, folder / "config.json")
+    shutil.copy(MIMI_DIR / "weights.safetensors", folder / "tokenizer-e351c8d8.safetensors")
+    shutil.copy(MIMI_DIR / "config.json", folder / "mimi_config.json")
+    shutil.copy(spm_model, folder / "tokenizer_spm_32k_3.model")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def voice_wav(tmp_path_factory) -> Path:
+    """Two seconds of a speech-like voice at 44.1 kHz stereo, quiet (the prompt normalises it)."""
+    from room import synthetic_speech
+
+    voice = synthetic_speech(2.0, seed=5, f0=180.0, rate=44100, level=0.02)
+    path = tmp_path_factory.mktemp("voice") / "voice.wav"
+    write_wav(path, np.stack([voice, 0.8 * voice], axis=1), 44100)
+    return path
+
+
+def run_json(folder, *args, tmp_path, name) -> tuple[dict, str]:
+    speech = tmp_path / "in.wav"
+    if not speech.exists():
+        write_wav(speech, np.random.default_rng(0).standard_normal(24000 * 2) * 0.05, 24000)
+    r = moshi_mlx_cmd("run", speech, tmp_path / name, "--hf-path", folder, "--dtype", "float32",
+                      "--sampler", "greedy", "--json", *args, timeout=180)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout), r.stderr
+
+
+def test_run_with_a_voice_and_a_role_applies_them_and_says_so(persona_folder, voice_wav, tmp_path):
+    plain, _ = run_json(persona_folder, tmp_path=tmp_path, name="plain.wav")
+    prompted, err = run_json(persona_folder, "--voice-prompt", voice_wav, "--text-prompt",
+                             "You are a patient French teacher.", tmp_path=tmp_path,
+                             name="a.wav")  # fmt: skip
+    again, _ = run_json(persona_folder, "--voice-prompt", voice_wav, "--text-prompt",
+                        "You are a patient French teacher.", tmp_path=tmp_path,
+                        name="b.wav")  # fmt: skip
+    assert "persona prompt applied in" in err and "voice prompt: 2.0 s" in err
+    assert "not trained for system prompts" not in err  # PersonaPlex is
+    assert prompted["text_ids"] == again["text_ids"]  # greedy: the same every time
+    assert prompted["text_ids"] != plain["text_ids"]  # the prompt changed the conversation
+    assert (tmp_path / "a.wav").read_bytes() == (tmp_path / "b.wav").read_bytes()
+
+
+def test_persona_save_then_reuse_gives_the_same_conversation(persona_folder, voice_wav, tmp_path):
+    saved = tmp_path / "voice.safetensors"
+    r = moshi_mlx_cmd("persona", "save", voice_wav, "-o", saved, "--hf-path", persona_folder,
+                      timeout=120)  # fmt: skip
+    assert r.returncode == 0 and saved.is_file(), r.stderr
+    r = moshi_mlx_cmd("persona", "save", voice_wav, "-o", saved, "--hf-path", persona_folder)
+    assert r.returncode == 1 and "exists; pick another name, or pass --force" in r.stderr
+    from_wav, _ = run_json(persona_folder, "--voice-prompt", voice_wav, tmp_path=tmp_path,
+                           name="wav.wav")  # fmt: skip
+    from_file, _ = run_json(persona_folder, "--voice-prompt", saved, tmp_path=tmp_path,
+                            name="file.wav")  # fmt: skip
+    assert from_file["text_ids"] == from_wav["text_ids"]
+
+
+def test_a_prompt_on_a_model_not_trained_for_it_is_one_warning(pytorch_repo, tmp_path):
+    _, err = run_json(pytorch_repo, "--text-prompt", "You are a pirate.", tmp_path=tmp_path,
+                      name="o.wav")  # fmt: skip
+    warned = [line for line in err.splitlines() if "not trained for system prompts" in line]
+    assert len(warned) == 1 and warned[0].startswith("moshi-mlx run: warning:"), err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--voice-prompt", "missing.wav"], "--voice-prompt: no such file"),
+    (["--text-prompt", "  "], "--text-prompt is empty"),
+    (["--voice-prompt", "voice.pt"], "torch pickles, which we never load"),
+])  # fmt: skip
+def test_bad_persona_flags_are_one_line(persona_folder, tmp_path, args, words):
+    (tmp_path / "voice.pt").write_bytes(b"\x80\x04not really")
+    args = [str(tmp_path / a) if a.endswith((".wav", ".pt")) else a for a in args]
+    write_wav(tmp_path / "in.wav", np.zeros(4800), 24000)
+    r = moshi_mlx_cmd("run", tmp_path / "in.wav", tmp_path / "out.wav", "--hf-path",
+                      persona_folder, *args, timeout=120)  # fmt: skip
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and words in lines[-1] and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "out.wav").exists()
