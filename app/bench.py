@@ -270,7 +270,7 @@ def main(args) -> int:
     if sampling.seed is None:
         sampling = sampling.replace(seed=DEFAULT_SEED)
     args.seed = sampling.seed
-    with Progress("moshi-mlx bench") as progress:
+    with Progress() as progress:
         mx.reset_peak_memory()
         t0 = time.perf_counter()
         models = build_models(args, progress)

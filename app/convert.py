@@ -41,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
     from .progress import Progress, size
 
     quantization = quantization_from_args(args)
-    with Progress("moshi-mlx convert") as progress:
+    with Progress() as progress:
         advance = progress.task("converting", nbytes=True)
         result = convert(
             args.hf_path,

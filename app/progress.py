@@ -8,12 +8,12 @@ from collections.abc import Callable
 
 
 class Progress:
-    """``with Progress() as p: advance = p.task("build LM", unit="layers")`` gives a callback
+    """``with Progress() as p: advance = p.task("build LM")`` gives a callback
     ``advance(done, total)`` (the library's progress signature); the task ends when ``done``
-    reaches ``total``. ``nbytes=True`` shows sizes instead of counts."""
+    reaches ``total``. ``nbytes=True`` shows sizes instead of counts. Off a terminal it shows
+    nothing: stderr then holds only results, warnings and errors."""
 
-    def __init__(self, prefix: str = "moshi-mlx"):
-        self.prefix = prefix
+    def __init__(self):
         self.bar = None
         if sys.stderr.isatty():
             from rich.console import Console
@@ -40,15 +40,7 @@ class Progress:
 
     def task(self, description: str, nbytes: bool = False) -> Callable[[int, int], None]:
         if self.bar is None:
-            announced = False
-
-            def line(done: int, total: int) -> None:
-                nonlocal announced
-                if not announced:
-                    print(f"{self.prefix}: {description} ({total})", file=sys.stderr, flush=True)
-                    announced = True
-
-            return line
+            return lambda done, total: None
         task = None
 
         def advance(done: int, total: int) -> None:

@@ -95,8 +95,9 @@ def main(args: argparse.Namespace) -> int:
     if reader.frames == 0:
         raise MoshiError(f"{args.input} holds no audio")
 
-    def report(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+    def report(message: str) -> None:  # progress, for a person at a terminal
+        if sys.stderr.isatty():
+            print(message, file=sys.stderr, flush=True)
 
     with reader:
         lm, mimi, tokenizer = load_model(args, report=report)
@@ -124,16 +125,23 @@ def main(args: argparse.Namespace) -> int:
             advance(step.index + 1, total)
 
         try:
-            with Progress("moshi-mlx run") as progress:
+            with Progress() as progress:
                 advance = progress.task("answering") if live_text else (lambda done, n: None)
                 start = time.perf_counter()
                 drive(driver, input_frames(reader), collect)
         except KeyboardInterrupt:
             interrupted = True
+        except OSError as e:  # a full disk while writing OUT: nothing half-written is left
+            wav.discard()
+            raise MoshiError(f"cannot write {out_path}: {e.strerror or e}") from None
         except BaseException:
             wav.discard()
             raise
-        wav.close()
+        try:
+            wav.close()
+        except OSError as e:
+            wav.discard()
+            raise MoshiError(f"cannot write {out_path}: {e.strerror or e}") from None
 
     seconds = wav.frames / SAMPLE_RATE
     median = float(np.median(compute)) if compute else math.nan
@@ -158,11 +166,13 @@ def main(args: argparse.Namespace) -> int:
         }))  # fmt: skip
     else:
         print(flush=True)
-        report(
+        print(
             f"wrote {out_path}: {seconds:.2f} s in {time.perf_counter() - start:.1f} s; "
-            f"compute {median * 1000:.1f} ms/frame (median), RTF {median / FRAME_S:.2f}"
+            f"compute {median * 1000:.1f} ms/frame (median), RTF {median / FRAME_S:.2f}",
+            file=sys.stderr,
         )
     if interrupted:
-        report(f"interrupted: {out_path} holds the first {seconds:.2f} s of the answer")
+        print(f"interrupted: {out_path} holds the first {seconds:.2f} s of the answer",
+              file=sys.stderr)  # fmt: skip
         return 130
     return 0

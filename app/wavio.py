@@ -237,7 +237,10 @@ class AtomicWav(WavWriter):
         return self.path
 
     def discard(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # its buffer cannot be written (a full disk): the file goes anyway
+            pass
         self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> AtomicWav:
@@ -295,6 +298,13 @@ def check_writable(path: str | Path, force: bool = False) -> Path:
     symbolic link is never written through, anything but a regular file never replaced, a
     regular file only with ``force``). One line naming the problem otherwise."""
     path = Path(path)
+    folder = path.parent
+    if len(os.fsencode(path.name)) > 255 or len(os.fsencode(str(path.absolute()))) >= 4096:
+        raise MoshiError(f"the path {str(path)[:40]}... is too long for this file system")
+    if not folder.is_dir():
+        raise MoshiError(f"the folder of {path} ({folder}) does not exist")
+    if len(os.fsencode(path.name)) > os.pathconf(folder, "PC_NAME_MAX"):
+        raise MoshiError(f"the file name {path.name[:40]}... is too long for this file system")
     if path.is_symlink():
         raise MoshiError(f"{path} is a symbolic link; refusing to write through it")
     if path.exists():
@@ -302,15 +312,8 @@ def check_writable(path: str | Path, force: bool = False) -> Path:
             raise MoshiError(f"{path} exists and is not a regular file; pick another name")
         if not force:
             raise MoshiError(f"{path} exists; pick another name, or pass --force to overwrite it")
-    folder = path.parent
-    if not folder.is_dir():
-        raise MoshiError(f"the folder of {path} ({folder}) does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise MoshiError(f"cannot write to the folder {folder}")
-    if len(os.fsencode(path.name)) > os.pathconf(folder, "PC_NAME_MAX"):
-        raise MoshiError(f"the file name {path.name[:40]}... is too long for this file system")
-    if len(os.fsencode(str(path.absolute()))) >= os.pathconf(folder, "PC_PATH_MAX"):
-        raise MoshiError(f"the path {str(path)[:40]}... is too long for this file system")
     return path
 
 

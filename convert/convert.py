@@ -232,6 +232,9 @@ def convert(
         save_config(dict(config), tmp / "config.json")
         (tmp / "README.md").write_text(_model_card(out.name, config, source))
         move_into_place(tmp, out, force, inputs)
+    except OSError as e:  # a full disk, a quota, a folder that went away: nothing is left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write {out}: {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -72,7 +72,10 @@ def _unexpected(out: Path) -> list[str]:
 
 def check_destination(out: Path, force: bool, inputs: list[Path]) -> None:
     """Refuse a destination holding anything but an earlier conversion (with ``force``) or
-    nothing at all, and never one holding the inputs."""
+    nothing at all, and never one holding the inputs; and one that cannot be written."""
+    existing = next(p for p in out.absolute().parents if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise MoshiError(f"cannot write {out}: {existing} is not writable; pick another `mlx_path`")
     if not out.exists() and not out.is_symlink():
         return
     if out.is_symlink() or not out.is_dir():

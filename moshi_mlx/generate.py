@@ -13,6 +13,7 @@ import mlx.core as mx
 from .errors import MoshiError, MoshiWarning
 from .lm import Lm
 from .sampling import Sampling, token_sampler
+from .validate import kind
 
 # The two constant Mimi frames of PersonaPlex's system prompt (``SILENCE_TOKENS`` and
 # ``SINE_TOKENS`` of NVIDIA's lm.py): Moshi's audio during the prompt's silences and text, and
@@ -80,7 +81,7 @@ class LmGen:
         """``codes``: an mx.array of integers in ``[0, card)`` shaped like ``shape`` (an int:
         that size; a name: any size >= 1); else a MoshiError naming ``name``."""
         if not isinstance(codes, mx.array):
-            raise MoshiError(f"{name} must be an mx.array, got {type(codes).__name__}")
+            raise MoshiError(f"{name} must be an mx.array, got {kind(codes)}")
         fits = codes.ndim == len(shape) and all(
             n >= 1 if isinstance(want, str) else n == want
             for n, want in zip(codes.shape, shape, strict=True)
@@ -89,7 +90,7 @@ class LmGen:
             expected = ", ".join(map(str, shape))
             raise MoshiError(f"{name} must be [{expected}] ({what}), got shape {list(codes.shape)}")
         if not mx.issubdtype(codes.dtype, mx.integer):
-            raise MoshiError(f"{name} must be integers, got {codes.dtype}")
+            raise MoshiError(f"{name} must be integers, got {kind(codes)}")
         lo, hi = mx.min(codes).item(), mx.max(codes).item()
         if lo < 0 or hi >= card:
             raise MoshiError(f"{name} must be in [0, {card}), got values in [{lo}, {hi}]")

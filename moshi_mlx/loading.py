@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten
 from .errors import MoshiError, MoshiWarning
 from .lm import Lm, LmConfig
 from .mimi import Mimi, MimiConfig
-from .quantize import Quantization, quantize_like, quantize_lm
+from .quantize import Quantization, quantization_of, quantize_like, quantize_lm
 from .weights import (
     CheckpointError,
     check_finite,
@@ -513,6 +513,21 @@ def as_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
     return DTYPES[dtype]
 
 
+def _check_stated_quantization(lm: Lm, config: dict, path: Path) -> None:
+    """A converted folder's config.json says how its LM is quantized; the tensors must agree."""
+    stated = config.get("quantization")
+    actual = quantization_of(lm)
+    settings = None
+    if isinstance(stated, dict):
+        settings = (stated.get("bits"), stated.get("group_size"))
+    if settings != (None if actual is None else (actual.bits, actual.group_size)):
+        said = "float" if stated is None else f"bits {settings[0]}, group_size {settings[1]}"
+        raise CheckpointError(
+            f"{path}: quantization says {said} but the weights are {actual or 'float'}; the "
+            "folder is inconsistent: convert it again"
+        )
+
+
 class Model(NamedTuple):
     """What ``load`` returns; a part not asked for is None."""
 
@@ -552,6 +567,8 @@ def load(
         check_tokenizer(tokenizer, files.lm_config, files.tokenizer)
     if files.lm_weights is not None:
         lm = load_lm(files.lm_weights, files.lm_config, dtype=as_dtype(dtype), quantize=quantize)
+        if quantize is None and is_converted(files.config):
+            _check_stated_quantization(lm, files.config, files.folder / "config.json")
         if not lazy:
             materialize(lm, progress)
     if files.mimi_weights is not None:

@@ -12,7 +12,7 @@ from .errors import MoshiError
 from .quantizer import SplitResidualVectorQuantizer
 from .seanet import SeanetConfig, SeanetDecoder, SeanetEncoder
 from .transformer import MimiTransformer, TransformerConfig
-from .validate import MAX_SIZE, choice, integer, integers, number
+from .validate import MAX_SIZE, choice, integer, integers, kind, number
 
 # Upstream options this implementation has one value of: any other is refused, never ignored.
 _UNSUPPORTED_UNLESS = {
@@ -133,11 +133,6 @@ class MimiConfig:
         return self.frame_size // self.seanet.hop_length
 
 
-def _kind(x) -> str:
-    """What a bad argument is, for error messages."""
-    return f"{x.dtype} mx.array" if isinstance(x, mx.array) else type(x).__name__
-
-
 def reset_streaming(module: nn.Module) -> None:
     """Forget all streaming state (conv buffers, KV caches) below ``module``."""
     for _, m in module.named_modules():
@@ -194,9 +189,7 @@ class Mimi(nn.Module):
 
     def _check_pcm(self, pcm: mx.array, streaming: bool) -> None:
         if not isinstance(pcm, mx.array) or not mx.issubdtype(pcm.dtype, mx.floating):
-            raise MoshiError(
-                f"`pcm` must be a float mx.array [batch, 1, samples], got {_kind(pcm)}"
-            )
+            raise MoshiError(f"`pcm` must be a float mx.array [batch, 1, samples], got {kind(pcm)}")
         if pcm.ndim != 3 or pcm.shape[1] != 1 or pcm.shape[0] < 1:
             raise MoshiError(
                 f"`pcm` must be [batch, 1, samples] (mono), got shape {list(pcm.shape)}"
@@ -214,8 +207,7 @@ class Mimi(nn.Module):
     def _check_codes(self, codes: mx.array, streaming: bool) -> None:
         if not isinstance(codes, mx.array) or not mx.issubdtype(codes.dtype, mx.integer):
             raise MoshiError(
-                "`codes` must be an integer mx.array [batch, codebooks, frames], got "
-                f"{_kind(codes)}"
+                f"`codes` must be an integer mx.array [batch, codebooks, frames], got {kind(codes)}"
             )
         if codes.ndim != 3 or codes.shape[0] < 1:
             raise MoshiError(f"`codes` must be [batch, codebooks, frames], got {list(codes.shape)}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import mlx.core as mx
+
 from .errors import MoshiError
 
 # Bounds far beyond any real model, so that an edited or hostile config fails at once instead
@@ -46,3 +48,13 @@ def choice(what: str, field: str, value, supported: tuple) -> None:
     if value not in supported:
         names = ", ".join(repr(s) for s in supported)
         raise MoshiError(f"{what}: {field}={value!r} is not supported (only {names})")
+
+
+def dtype_name(dtype) -> str:
+    """``mx.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).split(".")[-1]
+
+
+def kind(x) -> str:
+    """What a bad argument is, for error messages: ``"int32 mx.array"``, ``"list"``..."""
+    return f"{dtype_name(x.dtype)} mx.array" if isinstance(x, mx.array) else type(x).__name__

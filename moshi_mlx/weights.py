@@ -20,6 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import MoshiError
+from .validate import dtype_name
 
 
 class CheckpointError(MoshiError):
@@ -317,7 +318,7 @@ def float_dtype(params: dict[str, mx.array]) -> str:
     """Name (``"bfloat16"``...) of the most common dtype among the float weights, leaving out
     quantization scales and biases (a quantized model's dtype is that of its norms)."""
     names = [
-        str(v.dtype).split(".")[-1]
+        dtype_name(v.dtype)
         for k, v in params.items()
         if mx.issubdtype(v.dtype, mx.floating) and not k.endswith((".scales", ".biases"))
     ]
@@ -356,7 +357,7 @@ def load_into(
         floats = mx.issubdtype(value.dtype, mx.floating)
         if floats != mx.issubdtype(expected[name].dtype, mx.floating):
             raise CheckpointError(
-                f"{source}: {name} is stored as {value.dtype} where the model needs "
+                f"{source}: {name} is stored as {dtype_name(value.dtype)} where the model needs "
                 f"{'floating point' if not floats else 'packed integers'} weights; it is not "
                 "a checkpoint of this model"
             )

@@ -106,6 +106,17 @@ def pytorch_repo(tmp_path_factory, spm_model) -> Path:
 
 
 @pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, pytorch_repo) -> Path:
+    """The fixture model as ``moshi-mlx convert`` writes it (what chat and run load), in
+    float32 (the reference's precision)."""
+    from moshi_mlx.convert.convert import convert
+
+    out = tmp_path_factory.mktemp("model") / "moshi-fixture"
+    convert(pytorch_repo, out, dtype="float32", mimi_config=pytorch_repo / "mimi_config.json")
+    return out
+
+
+@pytest.fixture(scope="session")
 def card(tmp_path_factory) -> dict[str, str]:
     """A virtual sound card of this test session's own (two suites running at once never
     share one), stopped when the session ends."""

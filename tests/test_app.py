@@ -8,7 +8,6 @@ import io
 import json
 import struct
 import wave
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,16 +22,6 @@ from moshi_mlx.app.loop import FRAME, SAMPLE_RATE, FrameDriver, drive, split_fra
 from moshi_mlx.app.recording import Recorder, Transcript
 from moshi_mlx.app.run import input_frames
 from moshi_mlx.app.wavio import AtomicWav, WavError, WavReader, read_wav, resample, write_wav
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory, pytorch_repo) -> Path:
-    """The fixture model as ``moshi-mlx convert`` writes it (what chat and run load)."""
-    from moshi_mlx.convert.convert import convert
-
-    out = tmp_path_factory.mktemp("app-model") / "moshi-fixture"
-    convert(pytorch_repo, out, dtype="float32", mimi_config=pytorch_repo / "mimi_config.json")
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -28,15 +28,6 @@ from moshi_mlx.app.loop import FRAME, SAMPLE_RATE, FrameDriver
 from moshi_mlx.app.wavio import read_wav, write_wav
 
 
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory, pytorch_repo) -> Path:
-    from moshi_mlx.convert.convert import convert
-
-    out = tmp_path_factory.mktemp("chat-model") / "moshi-fixture"
-    convert(pytorch_repo, out, dtype="float32", mimi_config=pytorch_repo / "mimi_config.json")
-    return out
-
-
 def test_signal(seconds: float = 2.5, seed: int = 1) -> np.ndarray:
     """Chirp plus noise bursts: every 80 ms frame differs, so correlation peaks are sharp."""
     rng = np.random.default_rng(seed)
