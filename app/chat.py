@@ -119,9 +119,11 @@ def _format(text: str) -> Format:
 class _LeaveNow(Exception):
     """End the process at once with ``code``, after the one-line ``message`` if any.
 
-    The interpreter's normal exit stops PortAudio and waits for threads: with a sound device
-    that vanished, or the model thread still inside MLX, that can hang for good or abort the
-    process. Whatever must be kept (recording, summary) is written before this is raised.
+    The interpreter's normal exit terminates PortAudio and waits for threads, and puts back
+    Python's own signal handlers: with a sound device that vanished, or the model thread still
+    inside MLX, that can hang for good or abort the process, and a Ctrl-C then finds the
+    default handler. Whatever must be kept (recording, summary) is written before this is
+    raised.
     """
 
 
@@ -184,7 +186,7 @@ class Chat:
         screen.info(f"microphone: {devices.input_name} | speakers: {devices.output_name}{fmt}")
         max_waiting = int(args.max_lag_ms // (FRAME_S * 1000))
         worker = ComputeWorker(args, sampling, max_waiting)
-        restore = self._catch_signals()
+        self._catch_signals()
         worker.start()
         audio = recorder = stage = None
         failure = None
@@ -226,10 +228,10 @@ class Chat:
             screen.close()
             if audio is not None:
                 self._finish(worker, audio, recorder)
-        if failure or (audio is not None and audio.stuck) or worker.is_alive():
-            raise _LeaveNow(1 if failure else 0, failure and f"error: {failure}")
-        restore()  # only now: a second Ctrl-C while finishing must still end at once
-        return 0
+        if audio is None and not worker.is_alive():
+            return 0
+        # After a conversation, never through the interpreter's teardown (see _LeaveNow).
+        raise _LeaveNow(1 if failure else 0, failure and f"error: {failure}")
 
     def _converse(self, worker: ComputeWorker, audio: DuplexAudio) -> str | None:
         """Runs until Ctrl-C (None) or a failure (its one-line message)."""
@@ -273,24 +275,23 @@ class Chat:
             worker.write_dump(self.args.debug_dump)
         self.screen.summary(worker.summary())
 
-    def _catch_signals(self):
+    def _catch_signals(self) -> None:
         """Ctrl-C (and SIGTERM) ask for a clean stop; a second one ends the process at once
-        (the recording is a valid file at all times, missing at most its last second)."""
-        stderr = NativeStderrFilter.original_stderr()
+        (the recording is a valid file at all times, missing at most its last second). The
+        handlers stay until the process ends: a second Ctrl-C while it exits must not find
+        Python's own, which would wait for the sound and model threads."""
 
         def on_signal(signum, frame):
             if self.stop.is_set():
-                os.write(stderr, b"moshi-mlx chat: stopped at once\n")
+                try:
+                    os.write(NativeStderrFilter.original_stderr(), b"moshi-mlx chat: stopped\n")
+                except OSError:
+                    pass
                 os._exit(130)
             self.stop.set()
 
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-
-        def restore():
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-        return restore
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, on_signal)
 
 
 def _frames_of(path: str) -> list[np.ndarray]:

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
+import signal
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -659,3 +662,68 @@ def test_a_tokenizer_that_does_not_fit_the_lm_is_one_warning(capsys, tmp_path, p
     shutil.copy(train_spm(tmp_path / "spm", 64), folder / "tokenizer_spm_32k_3.model")
     with pytest.warns(moshi_mlx.errors.MoshiWarning, match="has 64 pieces but the LM writes 32000"):
         moshi_mlx.load(folder)
+
+
+# ---- run on long inputs, and a closed stdout -------------------------------------------------
+
+
+def peak_rss_mb(*args) -> tuple[float, subprocess.CompletedProcess]:
+    """Run ``moshi-mlx args`` in a child of its own and return its peak resident memory."""
+    code = ("import resource, subprocess, sys; "
+            "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode); "
+            "print(r.stderr, file=sys.stderr)")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code, str(MOSHI_MLX), *map(str, args)],
+                       capture_output=True, text=True, timeout=900)  # fmt: skip
+    kib, rc = map(int, r.stdout.split())
+    return kib / 1024, subprocess.CompletedProcess(args, rc, "", r.stderr)
+
+
+def test_run_memory_does_not_grow_with_the_input(tmp_path, model_dir):
+    """5 s against 60 s of 44.1 kHz stereo input: read, resampled and written as it goes (the
+    whole-file path kept every frame: 119 MB for 5 s, 250 MB for 2 minutes)."""
+    peaks = {}
+    for seconds in (5, 60):
+        t = np.arange(int(seconds * 44100)) / 44100
+        x = (0.2 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+        write_wav(tmp_path / f"in{seconds}.wav", np.stack([x, x], axis=1), 44100)
+        peaks[seconds], r = peak_rss_mb("run", tmp_path / f"in{seconds}.wav",
+                                        tmp_path / f"out{seconds}.wav", "--hf-path", model_dir,
+                                        "--sampler", "greedy")  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert (
+            read_wav(tmp_path / f"out{seconds}.wav")[0].shape[0] == math.ceil(seconds * 12.5) * 1920
+        )
+    # 60 s of input is 10 MB as float32 at 44.1 kHz stereo, its answer 5.5 MB
+    assert peaks[60] - peaks[5] < 8, peaks
+
+
+def test_ctrl_c_keeps_what_run_computed_as_a_valid_shorter_wav(tmp_path, model_dir):
+    t = np.arange(24000 * 60) / 24000
+    write_wav(tmp_path / "in.wav", (0.2 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 24000)
+    proc = subprocess.Popen([str(MOSHI_MLX), "run", tmp_path / "in.wav", tmp_path / "out.wav",
+                             "--hf-path", model_dir, "--sampler", "greedy"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.name.startswith(".out.wav.") for p in tmp_path.iterdir()):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        time.sleep(1.0)  # some frames computed
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.startswith("interrupted")]
+    assert len(lines) == 1 and "out.wav holds the first" in lines[0] and "Traceback" not in err
+    x, rate = read_wav(tmp_path / "out.wav")
+    assert rate == 24000 and 0 < len(x) < 60 * 24000 and len(x) % 1920 == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.wav", "out.wav"]
+
+
+def test_a_closed_stdout_ends_quietly(tmp_path):
+    r = subprocess.run(f"'{MOSHI_MLX}' bench --no-lm --random-weights --mimi-config "
+                       f"'{MIMI_DIR / 'config.json'}' --steps 3 --warmup 1 | head -c 5",
+                       shell=True, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.stdout == "frame" and r.stderr == "", r.stderr
