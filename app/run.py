@@ -95,17 +95,20 @@ def main(args: argparse.Namespace) -> int:
     if reader.frames == 0:
         raise MoshiError(f"{args.input} holds no audio")
 
+    def say(message: str) -> None:  # what was done, on stderr (stdout holds the answer)
+        print(message, file=sys.stderr, flush=True)
+
     def report(message: str) -> None:  # progress, for a person at a terminal
         if sys.stderr.isatty():
-            print(message, file=sys.stderr, flush=True)
+            say(message)
 
     with reader:
         lm, mimi, tokenizer = load_model(args, report=report)
-        prompt = prompt_from_args(args, mimi, tokenizer, report=report)
+        prompt = prompt_from_args(args, mimi, tokenizer, report=say)
         driver = FrameDriver(lm, mimi, tokenizer, sampling, prompt=prompt)
         driver.warmup()
         if prompt is not None:
-            report(f"persona prompt applied in {driver.prompt_s:.2f} s")
+            say(f"persona prompt applied in {driver.prompt_s:.2f} s")
         total = math.ceil(round(reader.frames * SAMPLE_RATE / reader.rate) / FRAME)
         report(f"{total} frames ({total * FRAME_S:.2f} s of audio)")
         pieces, text_ids, compute = [], [], []
@@ -166,13 +169,11 @@ def main(args: argparse.Namespace) -> int:
         }))  # fmt: skip
     else:
         print(flush=True)
-        print(
+        say(
             f"wrote {out_path}: {seconds:.2f} s in {time.perf_counter() - start:.1f} s; "
-            f"compute {median * 1000:.1f} ms/frame (median), RTF {median / FRAME_S:.2f}",
-            file=sys.stderr,
+            f"compute {median * 1000:.1f} ms/frame (median), RTF {median / FRAME_S:.2f}"
         )
     if interrupted:
-        print(f"interrupted: {out_path} holds the first {seconds:.2f} s of the answer",
-              file=sys.stderr)  # fmt: skip
+        say(f"interrupted: {out_path} holds the first {seconds:.2f} s of the answer")
         return 130
     return 0

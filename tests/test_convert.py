@@ -233,8 +233,11 @@ def leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
 
 
-@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])
-def test_failed_conversion_leaves_nothing(tmp_path, pytorch_repo, monkeypatch, error):
+@pytest.mark.parametrize("error, raised", [
+    (OSError(28, "No space left on device"), ValueError),  # one line: "cannot write ..."
+    (KeyboardInterrupt(), KeyboardInterrupt),
+])  # fmt: skip
+def test_failed_conversion_leaves_nothing(tmp_path, pytorch_repo, monkeypatch, error, raised):
     import moshi_mlx.convert.convert as module
 
     real, calls = module.write_safetensors, []
@@ -246,7 +249,7 @@ def test_failed_conversion_leaves_nothing(tmp_path, pytorch_repo, monkeypatch, e
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, "write_safetensors", failing)
-    with pytest.raises(type(error)):
+    with pytest.raises(raised):
         convert(pytorch_repo, tmp_path / "out")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
@@ -259,10 +262,10 @@ def test_failed_forced_conversion_keeps_the_previous_folder(tmp_path, pytorch_re
     before = sorted(p.name for p in out.iterdir())
 
     def failing(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(module, "write_safetensors", failing)
-    with pytest.raises(OSError):
+    with pytest.raises(ValueError, match="cannot write .*: No space left on device"):
         convert(pytorch_repo, out, force=True, dtype="float32")
     assert sorted(p.name for p in out.iterdir()) == before and leftovers(tmp_path) == []
 
