@@ -15,8 +15,6 @@ from __future__ import annotations
 import errno
 import math
 import os
-import re
-import secrets
 import struct
 import warnings
 from pathlib import Path
@@ -24,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from moshi_mlx.errors import MoshiError, MoshiWarning
+from moshi_mlx.leftovers import stale, temp_name
 
 from .resample import kaiser_sinc_bank
 
@@ -268,28 +267,15 @@ def _link(src: Path, dst: Path) -> bool:
 
 
 def temp_beside(path: Path) -> Path:
-    """A fresh hidden name in ``path``'s folder, for a file renamed to ``path`` once written
-    (same filesystem, so the rename is atomic; created with the usual permissions)."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    """A fresh hidden name beside ``path``, for a file renamed to ``path`` once written."""
+    return temp_name(path, "writing")
 
 
 def remove_stale_temps(path: Path) -> None:
     """Remove the ``temp_beside(path)`` files of processes that are gone (killed mid-write)."""
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)-[0-9a-f]+\.tmp")
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        m = pattern.fullmatch(tmp.name)
-        if m and tmp.is_file() and not tmp.is_symlink() and not _alive(int(m[1])):
+    for tmp in stale(path, ("writing",)):
+        if tmp.is_file():
             tmp.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def check_writable(path: str | Path, force: bool = False) -> Path:

@@ -1,7 +1,7 @@
 """Where a conversion lands: a temporary folder beside the destination, moved into place at the
 end without ever deleting what the user did not ask to replace.
 
-Temporary folders are named ``.NAME.converting-PID-XXXX`` (and ``.NAME.old-PID-XXXX`` for an
+Temporary folders are named ``.NAME.converting-PID-XXXXXXXX`` (and ``.NAME.old-PID-...`` for an
 earlier conversion being replaced), so that the next conversion to the same destination can
 tell those of a killed process from those of one still running, and remove them.
 """
@@ -11,12 +11,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import re
 import shutil
-import tempfile
 from pathlib import Path
 
 from moshi_mlx.errors import MoshiError
+from moshi_mlx.leftovers import stale, temp_name
 from moshi_mlx.loading import is_converted, read_json
 
 KINDS = ("converting", "old")
@@ -25,35 +24,18 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 def temp_folder(out: Path, kind: str) -> Path:
-    """A fresh temporary folder beside ``out``, with the usual permissions (``mkdtemp``'s are
-    private; a model folder need not be)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{os.getpid()}-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
+    """A fresh temporary folder beside ``out`` (with the usual permissions)."""
+    tmp = temp_name(out, kind)
+    tmp.mkdir()
     return tmp
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def remove_stale(out: Path) -> list[Path]:
     """Remove the temporary folders that killed conversions to ``out`` left behind (those of
     a conversion still running stay). Returns what was removed."""
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:{'|'.join(KINDS)})-(\d+)-\w+")
-    removed = []
-    for path in out.parent.glob(f".{out.name}.*"):
-        m = pattern.fullmatch(path.name)
-        if m and path.is_dir() and not path.is_symlink() and not _alive(int(m[1])):
-            shutil.rmtree(path)
-            removed.append(path)
+    removed = [path for path in stale(out, KINDS) if path.is_dir()]
+    for path in removed:
+        shutil.rmtree(path)
     return removed
 
 

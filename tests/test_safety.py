@@ -402,19 +402,43 @@ def test_a_killed_conversion_leaves_nothing_the_next_one_keeps(tmp_path, pytorch
     assert moshi_mlx.load(out).lm.cfg.dim == 512
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 3 MB file system (tmpfs), or a skip where this machine cannot mount one."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+def test_a_killed_writers_temporary_is_removed_by_the_next_writer(tmp_path):
+    """Only the temporaries of processes that are gone: not a running writer's, not a
+    symbolic link, not a file that merely looks alike."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    out = tmp_path / "take[1].wav"
+    dead = tmp_path / f".take[1].wav.writing-{gone.pid}-0123abcd"
+    running = tmp_path / f".take[1].wav.writing-{os.getpid()}-0123abcd"
+    unlike = tmp_path / f".take[1].wav.writing-{gone.pid}-notours"
+    link = tmp_path / f".take[1].wav.writing-{gone.pid}-4567cdef"
+    for path in (dead, running, unlike):
+        path.write_bytes(b"partial")
+    link.symlink_to(dead)
+    write_wav(out, np.zeros((2400, 1), np.float32), 24000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in (out, running, unlike, link)
+    )
+
+
+def tmpfs(folder: Path, options: str):
+    """A tmpfs mounted at ``folder`` for the test, or a skip where this machine cannot mount
+    one (not root, or no tmpfs)."""
+    folder.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
                        capture_output=True, text=True)  # fmt: skip
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip() or r.returncode})")
+        pytest.skip(f"cannot mount a tmpfs ({options}) here ({r.stderr.strip() or r.returncode})")
     try:
-        yield mount
+        yield folder
     finally:
-        subprocess.run(["umount", str(mount)], check=True)
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB file system."""
+    yield from tmpfs(tmp_path / "disk", "size=3m")
 
 
 def test_a_full_disk_is_one_line_and_leaves_nothing(capsys, small_disk, tmp_path, model_dir,
@@ -632,17 +656,8 @@ def test_bench_json_out_to_a_folder_is_one_line(capsys, tmp_path):
 
 @pytest.fixture
 def read_only(tmp_path):
-    """A read-only file system (a tmpfs mounted ro), or a skip where none can be mounted."""
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)],
-                       capture_output=True, text=True)  # fmt: skip
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here ({r.stderr.strip() or r.returncode})")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
+    """A read-only file system."""
+    yield from tmpfs(tmp_path / "ro", "ro,size=1m")
 
 
 def test_an_unwritable_output_is_refused_before_any_compute(capsys, tmp_path, model_dir,
