@@ -12,6 +12,7 @@ from mlx_lm.models.cache import ConcatenateKVCache, RotatingKVCache
 from .attention import attention_mask, self_attention
 from .errors import MoshiError
 from .layers import MultiLinear, ZeroEmbedding
+from .pieces import boundary
 
 _REQUIRED = (
     "dim", "num_heads", "num_layers", "text_card", "card", "n_q", "dep_q", "delays",
@@ -275,7 +276,7 @@ class Lm(nn.Module):
         the cached steps: one step or a prefill of many give the same result."""
         mask = attention_mask(x, cache[0] if cache else None, window=self.cfg.context)
         for i, layer in enumerate(self.transformer.layers):
-            x = layer(x, mask, cache[i] if cache is not None else None)
+            x = boundary(layer(x, mask, cache[i] if cache is not None else None))
         z = self.out_norm(x)
         return z, self.text_linear(z)
 
