@@ -108,6 +108,10 @@ class SerialEngine:
         """Start a new conversation (with a seed, sampling restarts from the same state)."""
         self.session.reset()
 
+    def lm_call(self, fn: Callable[[LmGen], object]):
+        """``fn(gen)``, on the thread that owns the LM's state (here: this one)."""
+        return fn(self.session.gen)
+
     def close(self) -> None:
         """Nothing to stop; for the same use as ``PipelinedEngine``."""
 
@@ -242,6 +246,19 @@ class PipelinedEngine:
             self._call(lambda gen: gen.reset())
             self._result()
             self._frames = 0
+        except BaseException:
+            self.close()
+            raise
+
+    def lm_call(self, fn: Callable[[LmGen], object]):
+        """``fn(gen)`` on the LM thread (which owns the ``LmGen``'s arrays); returns its
+        result. No frame may be in flight (``flush`` first)."""
+        self._check_open()
+        if self._pending:
+            raise MoshiError("lm_call needs the frames in flight answered first (flush)")
+        try:
+            self._call(fn)
+            return self._result()
         except BaseException:
             self.close()
             raise
