@@ -13,14 +13,14 @@ random user codes for the LM alone, as the reference harness).
   consecutive answers (``interval_ms``: what must stay under 80 ms) and from a frame's
   ``push`` to its answer (``latency_ms``), both in steady state (answers from a ``push``, not
   the final ``flush``).
-- ``full_context``: the peak memory of a few frames with the LM's KV window full
+- ``full_context``: the peak memory of two frames with the LM's KV window full
   (``memory.fill_context``), as in a conversation of more than ``context`` frames.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -35,6 +35,7 @@ from .sampling import Sampling
 from .session import DuplexSession
 
 Progress = Callable[[int, int], None]
+PASSES = ("stages", "lm", "frame", "full_context")
 
 
 @dataclass
@@ -106,13 +107,13 @@ def time_frames(
     sampling: Sampling,
     steps: int,
     warmup: int = 5,
-    stages: bool = True,
+    passes: Collection[str] = PASSES,
     progress_for: Callable[[str], Progress | None] = lambda name: None,
     engine: str = DEFAULT_ENGINE,
 ) -> dict[str, Pass]:
-    """The ``stages`` (unless ``stages`` is False), ``lm``, (with Mimi) ``frame`` through the
-    ``engine`` (``"serial"`` or ``"pipelined"``) and ``full_context`` passes over the LM, with
-    Mimi when given. ``progress_for(pass_name)`` gives each pass's callback. Sampling uses
+    """The ``passes`` (of ``PASSES``; ``frame`` through the ``engine``, ``"serial"`` or
+    ``"pipelined"``, and ``stages``' Mimi timings only with Mimi) over the LM, with Mimi when
+    given. ``progress_for(pass_name)`` gives each pass's callback. Sampling uses
     ``sampling.seed``, which also picks the inputs."""
     seed = sampling.seed or 0
     rng = np.random.default_rng(seed)
@@ -122,7 +123,7 @@ def time_frames(
     pcms = [(0.1 * rng.standard_normal(1920)).astype(np.float32) for _ in range(total)]
     gen = LmGen(lm, sampling)
     session = DuplexSession(lm, mimi, gen) if mimi is not None else None
-    passes: dict[str, Pass] = {}
+    wanted, passes = passes, {}
 
     def fresh_stream():
         if session is not None:
@@ -155,20 +156,24 @@ def time_frames(
         if out is not None:
             np.array(out)
 
-    runs = [("stages", stage_frame)] if stages else []
-    runs.append(("lm", lm_frame))
-    for name, frame in runs:
-        fresh_stream()
-        passes[name] = _run(name, frame, warmup, steps, progress_for(name))
+    for name, frame in (("stages", stage_frame), ("lm", lm_frame)):
+        if name in wanted:
+            fresh_stream()
+            passes[name] = _run(name, frame, warmup, steps, progress_for(name))
     if session is None:
-        passes["full_context"] = _full_context(lambda f: f(gen), lm_frame)
+        if "full_context" in wanted:
+            passes["full_context"] = _full_context(lambda f: f(gen), lm_frame)
+        return passes
+    if not {"frame", "full_context"} & set(wanted):
         return passes
     with make_engine(engine, lm, mimi, gen) as running:
-        passes["frame"] = _time_engine(running, pcms, warmup, steps, progress_for("frame"))
-        running.reset()
-        passes["full_context"] = _full_context(
-            running.lm_call, lambda i: running.push(pcms[i % total]), running.flush
-        )
+        if "frame" in wanted:
+            passes["frame"] = _time_engine(running, pcms, warmup, steps, progress_for("frame"))
+            running.reset()
+        if "full_context" in wanted:
+            passes["full_context"] = _full_context(
+                running.lm_call, lambda i: running.push(pcms[i % total]), running.flush
+            )
     return passes
 
 
@@ -192,7 +197,7 @@ def _time_engine(engine, pcms: list[np.ndarray], warmup: int, steps: int, progre
 
 
 def _full_context(lm_call: Callable, frame: Callable[[int], object], flush=None) -> Pass:
-    """Peak memory of three frames with the LM's KV window full, after the frames that fill
+    """Peak memory of two frames with the LM's KV window full, after the frames that fill
     the delays; ``lm_call(fn)`` runs ``fn(gen)`` where the LM's state lives, ``flush()``
     waits for frames in flight."""
     delays = lm_call(lambda gen: gen.cfg.max_delay)
@@ -202,7 +207,7 @@ def _full_context(lm_call: Callable, frame: Callable[[int], object], flush=None)
         flush()
     lm_call(fill_context)
     mx.reset_peak_memory()
-    for i in range(delays + 1, delays + 4):
+    for i in range(delays + 1, delays + 3):
         frame(i)
     if flush is not None:
         flush()

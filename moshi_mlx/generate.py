@@ -9,6 +9,7 @@ import mlx.core as mx
 
 from .errors import MoshiError
 from .lm import Lm
+from .pieces import boundary, evaluating_in_pieces
 from .sampling import Sampling, token_sampler
 
 STAGES = ("temporal", "depth")  # what ``step(..., timings=...)`` reports
@@ -41,7 +42,8 @@ class LmGen:
         )
         self.audio_sampler = token_sampler(sampling.temp, sampling.top_k, sampling.top_p, cfg.card)
         self.seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
-        # One compiled graph for the dep_q sequential depformer passes and their sampling.
+        # One compiled graph for the dep_q sequential depformer passes and their sampling
+        # (evaluated in pieces, ``moshi_mlx.pieces``, it runs uncompiled: same results).
         self._depformer = mx.compile(self.depformer_step)
         self.reset()
 
@@ -122,7 +124,8 @@ class LmGen:
             t1 = time.perf_counter()
             timings["temporal"] = 1000 * (t1 - t0)
 
-        audio, audio_logits = self._depformer(z, text, audio_key)
+        depformer = self.depformer_step if evaluating_in_pieces() else self._depformer
+        audio, audio_logits = depformer(z, text, audio_key)
         self.last_audio_logits = [audio_logits[:, k] for k in range(cfg.dep_q)]
         if timings is not None:
             mx.eval(audio)
@@ -160,6 +163,6 @@ class LmGen:
             x = lm.depformer_input(z, k, prev[:, None])
             h = lm.depformer_layers(x, [k], cache)
             logits.append(lm.linears[k](h[:, -1]).astype(mx.float32))
-            prev = self.audio_sampler(logits[-1], keys[k])
+            prev = boundary(self.audio_sampler(logits[-1], keys[k]))
             audio.append(prev)
         return mx.stack(audio, axis=1), mx.stack(logits, axis=1)

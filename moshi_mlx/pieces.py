@@ -34,9 +34,15 @@ def in_pieces(enabled: bool = True) -> Iterator[None]:
         _local.enabled = previous
 
 
+def evaluating_in_pieces() -> bool:
+    """Whether this thread evaluates in pieces now (code that would otherwise trace a
+    compiled function, where nothing can be evaluated, runs uncompiled then)."""
+    return getattr(_local, "enabled", False)
+
+
 def boundary(x: mx.array) -> mx.array:
     """A layer boundary of a streaming step: ``x`` is evaluated now inside ``in_pieces()``
     and left lazy otherwise. Returns ``x``."""
-    if getattr(_local, "enabled", False):
+    if evaluating_in_pieces():
         mx.eval(x)
     return x

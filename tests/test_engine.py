@@ -11,6 +11,7 @@ import pytest
 from conftest import LM_DIR, MIMI_DIR, run_python
 
 import moshi_mlx
+from moshi_mlx import LmConfig, Quantization
 from moshi_mlx.engine import PipelinedEngine, SerialEngine, make_engine, mimi_device
 from moshi_mlx.errors import MoshiError
 
@@ -71,6 +72,17 @@ def test_pipelined_answers_equal_serial_answers(models, frames, sampling):
     assert len(serial) == FRAMES
     assert sum(r.pcm is not None for r in serial) == FRAMES - 1  # the first fills the delays
     assert_same(serial, pipelined)
+
+
+@pytest.mark.parametrize("dtype, bits", [(mx.bfloat16, None), (mx.bfloat16, 4), (mx.float16, 8)])
+def test_pipelined_equals_serial_in_low_precision(models, frames, dtype, bits):
+    # On CPU the LM thread runs the depformer uncompiled, in pieces: still the same bits.
+    cfg = LmConfig(dim=128, text_card=64, num_heads=2, num_layers=2, context=8,
+                   depformer_dim=64, depformer_dim_feedforward=264, depformer_num_heads=2,
+                   depformer_num_layers=2)  # fmt: skip
+    lm = moshi_mlx.random_lm(cfg, dtype, Quantization(bits) if bits else None, seed=1)
+    random = (lm, models[1])
+    assert_same(answers(random, "serial", frames)[0], answers(random, "pipelined", frames)[0])
 
 
 def test_serial_engine_is_the_session(models, frames):
@@ -184,6 +196,7 @@ _CYCLES = f"""
 import threading
 import numpy as np
 import moshi_mlx
+from moshi_mlx import LmConfig, Quantization
 from moshi_mlx.engine import PipelinedEngine, finish_thread
 
 lm = moshi_mlx.load_lm({str(LM_DIR / "weights.safetensors")!r}, {str(LM_DIR / "config.json")!r})
