@@ -15,9 +15,11 @@ Why a thread and not two MLX streams driven from one thread: ``mx.eval`` and
 flight (MLX's scheduler keeps 10 tasks of 10 dispatches: ``MAX_ACTIVE_TASKS``,
 ``DISPATCHES_PER_TASK``), so "launching" one LM step or one Mimi frame (thousands of
 operations each) holds the launching thread for ~97 % of its run, and a graph launched next
-starts when the first has nearly finished. Two graphs only overlap when one thread enqueues
-both at the rate each runs, which one thread cannot do for graphs whose operations differ in
-size. Each thread, by contrast, evaluates on its own default stream at its own pace.
+starts when the first has nearly finished (measured: an async Mimi encode held its thread for
+~90 of its ~92 ms). Each thread, by contrast, evaluates on its own default stream at its own
+pace. The slots are shared by all threads, though, so two threads that each evaluate a whole
+step starve each other (both ran 1.5-2x slower side by side): on CPU streams both threads
+evaluate in pieces (``moshi_mlx.pieces``), which leaves results unchanged.
 
 Threads and arrays: the LM thread creates every per-conversation array of the ``LmGen`` (its
 KV cache, random key and tokens: ``reset`` runs there) and the caller's thread every array of

@@ -295,7 +295,7 @@ class Lm(nn.Module):
     def depformer_layers(self, x: mx.array, steps: list[int], caches: list) -> mx.array:
         sets = [self.cfg.schedule[k] for k in steps]
         for layer, cache in zip(self.depformer.layers, caches, strict=True):
-            x = boundary(layer(x, sets, cache))
+            x = layer(x, sets, cache)
         return x
 
     def new_depformer_cache(self) -> list[ConcatenateKVCache]:

@@ -6,10 +6,12 @@ few thousand operations) fills those slots: a second thread evaluating beside it
 for a free slot every few operations, and both run far slower than alone. Inside
 ``in_pieces()``, the streaming code of the models evaluates at its layer boundaries
 (``boundary``), so each thread holds only the layer it is computing and two threads run side
-by side at nearly full speed. Results are unchanged: only when evaluation happens changes.
+by side close to their speed alone. Results are unchanged: only when evaluation happens
+changes.
 
-The setting is per thread and off by default; it only pays on MLX's CPU backend, where every
-operation is a task of its own (on a GPU it would add a host sync per layer).
+The setting is per thread and off by default. It pays on MLX's CPU backend, where every ten
+operations fill a task; on a GPU a task is a whole command buffer, and a host sync per layer
+would cost more than it gains.
 """
 
 from __future__ import annotations
