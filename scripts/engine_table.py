@@ -6,8 +6,9 @@ Per row (random bf16 LM scaled like ``moshi-mlx bench --dim ... --layers ...``, 
 random Mimi in float32, MLX's default device), each round times, one after the other: the LM
 step alone, one Mimi frame alone (encode + decode), the serial engine and the pipelined
 engine (``moshi_mlx.benchmark``: the same passes as ``moshi-mlx bench``). Figures are the
-median over rounds of each round's median; the machine's load average is printed with each
-round, since on a shared machine other work shows in the timings.
+median over rounds of each round's median, with the range of the rounds' medians for the
+engines; the machine's load average is printed with each round, since on a shared machine
+other work shows in the timings.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ SCALE = ("config", "dim", "heads", "layers", "dep_dim", "dep_heads", "dep_layers
 
 def p50(ms: list[float]) -> float:
     return summarize(ms)["median_ms"]
+
+
+def spread(rounds: list[dict], key: str) -> str:
+    """Median of the rounds [their range]."""
+    values = [t[key] for t in rounds]
+    return f"{statistics.median(values):.1f} [{min(values):.0f}-{max(values):.0f}]"
 
 
 def load() -> str:
@@ -74,8 +81,8 @@ def main() -> None:
         m = {k: statistics.median(t[k] for t in rounds) for k in rounds[0]}
         alone = max(m["lm"], m["mimi"])
         lines.append(
-            f"| {row} | {m['lm']:.1f} | {m['mimi']:.1f} | {m['serial_interval']:.1f} | "
-            f"{m['serial_latency']:.1f} | {m['pipelined_interval']:.1f} | "
+            f"| {row} | {m['lm']:.1f} | {m['mimi']:.1f} | {spread(rounds, 'serial_interval')} | "
+            f"{m['serial_latency']:.1f} | {spread(rounds, 'pipelined_interval')} | "
             f"{m['pipelined_latency']:.1f} | {m['pipelined_interval'] / alone:.2f} | "
             f"{m['serial_interval'] / m['pipelined_interval']:.2f}x |"
         )
