@@ -171,7 +171,7 @@ def build_models(args, progress) -> dict:
 
 
 def run_passes(models: dict, args, sampling, progress) -> dict:
-    from moshi_mlx.benchmark import time_frames, time_mimi
+    from moshi_mlx.benchmark import PASSES, time_frames, time_mimi
 
     lm, mimi = models["lm"], models["mimi"]
     if lm is None:
@@ -180,7 +180,8 @@ def run_passes(models: dict, args, sampling, progress) -> dict:
                 mimi, args.steps, args.warmup, sampling.seed, progress.task("mimi pass")
             )
         }
-    return time_frames(lm, mimi, sampling, args.steps, args.warmup, not args.no_stages,
+    passes = [p for p in PASSES if p != "stages" or not args.no_stages]
+    return time_frames(lm, mimi, sampling, args.steps, args.warmup, passes,
                        lambda name: progress.task(f"{name} pass"), args.engine)  # fmt: skip
 
 
