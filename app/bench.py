@@ -5,7 +5,8 @@ transformer (+ text sampling), the depth transformer over Moshi's ``dep_q`` code
 sampling), and Mimi ``decode_step`` of Moshi's codes. Every measurement replays the same
 positions (``--warmup`` untimed frames, then ``--steps`` timed ones) from a fresh stream, in
 passes: ``stages`` (a sync after each stage, for the split), ``lm`` (``LmGen.step`` and the
-copy of its tokens to the host) and ``frame`` (``DuplexSession.step``, the chat's loop body).
+copy of its tokens to the host), ``frame`` (the duplex engine the chat runs, ``--engine``) and
+``full_context`` (peak memory with the LM's KV window full); see ``moshi_mlx.benchmark``.
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ import json
 import time
 from pathlib import Path
 
-from .options import DTYPES, add_quantization_arguments, add_sampling_arguments
+from .options import (
+    DTYPES,
+    add_engine_arguments,
+    add_quantization_arguments,
+    add_sampling_arguments,
+)
 
 HELP = "time the frame step (Mimi, temporal and depth transformers) on a model or random weights"
-FRAME_MS = 80.0
 PRESETS = {"moshiko-7b": "moshi_7b", "moshika-7b": "moshi_7b", "moshi-2b": "moshi_2b"}
 SCALE_FLAGS = ("dim", "layers", "heads", "dep_dim", "dep_layers", "dep_heads", "context",
                "text_card")  # fmt: skip
@@ -56,6 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--steps", type=int, default=50, help="timed frames (default 50)")
     run.add_argument("--warmup", type=int, default=5, help="untimed frames first (default 5)")
     run.add_argument("--no-stages", action="store_true", help="skip the pass synced per stage")
+    add_engine_arguments(run)
     add_sampling_arguments(p)  # --seed: weights, inputs and sampling (default 299792458)
 
     out = p.add_argument_group("output")
@@ -129,12 +135,15 @@ def build_models(args, progress) -> dict:
     import mlx.core as mx
 
     import moshi_mlx
+    from moshi_mlx.engine import mimi_device
     from moshi_mlx.loading import as_dtype, as_mimi_config
+    from moshi_mlx.memory import check_fits
 
     from .options import load_model, quantization_from_args
 
     quantization = quantization_from_args(args)
     mimi_cfg = as_mimi_config(args.mimi_config) if args.mimi_config else None
+    device = mimi_device(args.mimi_device)
     lm = mimi = None
     info = {"model": None, "mimi": None}
     if args.hf_path is not None:
@@ -147,12 +156,13 @@ def build_models(args, progress) -> dict:
         cfg = lm_config_from_args(args)
         info["model"] = f"random weights, config {args.config or 'moshiko-7b'}"
         dtype = as_dtype(args.dtype or "bfloat16")
+        check_fits(cfg, dtype, quantization, False if args.no_mimi else mimi_cfg)
         lm = moshi_mlx.random_lm(cfg, dtype, quantization, args.seed, progress.task("build LM"))
     if args.mimi_weights and not args.no_mimi:
-        mimi = moshi_mlx.load_mimi(args.mimi_weights, mimi_cfg)
+        mimi = moshi_mlx.load_mimi(args.mimi_weights, mimi_cfg, device)
         info["mimi"] = args.mimi_weights
     elif mimi is None and not args.no_mimi:
-        mimi = moshi_mlx.random_mimi(mimi_cfg, args.seed)
+        mimi = moshi_mlx.random_mimi(mimi_cfg, args.seed, device)
         info["mimi"] = "random weights" + (f", config {args.mimi_config}" if mimi_cfg else "")
     if mimi is not None:
         mimi.set_num_codebooks(lm.cfg.mimi_codebooks if lm is not None else args.num_codebooks)
@@ -161,7 +171,7 @@ def build_models(args, progress) -> dict:
 
 
 def run_passes(models: dict, args, sampling, progress) -> dict:
-    from moshi_mlx.benchmark import time_frames, time_mimi
+    from moshi_mlx.benchmark import PASSES, time_frames, time_mimi
 
     lm, mimi = models["lm"], models["mimi"]
     if lm is None:
@@ -170,16 +180,9 @@ def run_passes(models: dict, args, sampling, progress) -> dict:
                 mimi, args.steps, args.warmup, sampling.seed, progress.task("mimi pass")
             )
         }
-    return time_frames(lm, mimi, sampling, args.steps, args.warmup, not args.no_stages,
-                       lambda name: progress.task(f"{name} pass"))  # fmt: skip
-
-
-def _stage(result: dict, name: str, ms: list[float] | None) -> None:
-    from moshi_mlx.benchmark import summarize
-
-    t = summarize(ms or [])
-    result[f"{name}_ms_p50"] = round(t["median_ms"], 3) if t else None
-    result[f"{name}_ms_p95"] = round(t["p95_ms"], 3) if t else None
+    passes = [p for p in PASSES if p != "stages" or not args.no_stages]
+    return time_frames(lm, mimi, sampling, args.steps, args.warmup, passes,
+                       lambda name: progress.task(f"{name} pass"), args.engine)  # fmt: skip
 
 
 def report(models: dict, passes: dict, args, sampling, build: dict) -> dict:
@@ -187,44 +190,18 @@ def report(models: dict, passes: dict, args, sampling, build: dict) -> dict:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
+    from moshi_mlx.benchmark import timing_report
+    from moshi_mlx.memory import param_bytes
     from moshi_mlx.quantize import quantization_of
     from moshi_mlx.weights import float_dtype
 
     lm, mimi = models["lm"], models["mimi"]
-    st = passes["stages"].stages if "stages" in passes else {}
-    r: dict = {}
-    if "frame" in passes:
-        frame, how = passes["frame"].wall_ms, "DuplexSession.step, one sync per frame"
-    elif "lm" in passes:
-        frame, how = passes["lm"].wall_ms, "LmGen.step + host copy (no Mimi)"
-    else:
-        frame, how = st["mimi"], "Mimi encode_step + decode_step (no LM)"
-    _stage(r, "frame", frame)
-    r["frame_timing"] = how
-    _stage(r, "lm_step", passes["lm"].wall_ms if "lm" in passes else None)
-    if lm is not None:
-        r["lm_step_timing"] = "LmGen.step + host copy of the tokens, no other sync"
-    _stage(r, "mimi", st.get("mimi"))
-    if mimi is not None:
-        r["mimi_timing"] = "encode_step + decode_step, each synced"
-    p50 = r["frame_ms_p50"]
-    r["rtf"] = round(p50 / FRAME_MS, 4)
-    r["rtf_ref"] = round(FRAME_MS / p50, 4)
-    r["rtf_note"] = "rtf = frame / 80 ms (below 1 is real time); rtf_ref = 80 ms / frame"
-    r["fps"] = round(1000.0 / p50, 3)
-    for name in ("encode", "temporal", "depth", "decode"):
-        if name in st:
-            _stage(r, name, st[name])
-    if "lm" in st:
-        _stage(r, "stages_frame", passes["stages"].wall_ms)
-        r["stages_timing"] = "a sync after each stage (temporal includes text sampling)"
-    r["peak_memory_gb"] = round(max(p.peak_bytes for p in passes.values()) / 1e9, 4)
+    r = timing_report(passes, args.engine if lm is not None and mimi is not None else None)
+    r["mimi_device"] = mimi.device.type.name if mimi is not None else None
     r["build_peak_memory_gb"] = round(build["peak"] / 1e9, 4)
     for name, model in (("lm", lm), ("mimi", mimi)):
-        size = sum(v.nbytes for _, v in tree_flatten(model.parameters())) if model else None
-        r[f"{name}_params_gb"] = round(size / 1e9, 4) if model else None
+        r[f"{name}_params_gb"] = round(param_bytes(model) / 1e9, 4) if model else None
     r["build_s"] = round(build["seconds"], 2)
-    r["cpu_util"] = {name: round(p.cpu_util, 3) for name, p in passes.items()}
     r["steps"], r["warmup"], r["seed"] = args.steps, args.warmup, sampling.seed
     r["device"] = mx.default_device().type.name
     r["device_info"] = {k: v for k, v in mx.device_info().items()}

@@ -2,7 +2,8 @@
 
 Every command that takes a model, quantizes or samples uses these, so a flag means the same
 everywhere: ``-q/--quantize [BITS]`` with ``--q-bits`` and ``--q-group-size`` (a
-``moshi_mlx.Quantization``), ``--dtype``, and the sampling flags (a ``moshi_mlx.Sampling``).
+``moshi_mlx.Quantization``), ``--dtype``, the sampling flags (a ``moshi_mlx.Sampling``), and
+``--engine`` / ``--mimi-device`` (``moshi_mlx.engine``).
 Argument destinations carry the library's argument names, so the library's error messages
 name these flags (see ``cli.flags_for``). Importing this module imports nothing heavy.
 """
@@ -18,6 +19,9 @@ DEFAULT_MODEL = "kyutai/moshiko-mlx-q4"
 KYUTAI_REPOS = {(4, 32): "kyutai/moshiko-mlx-q4", (8, 64): "kyutai/moshiko-mlx-q8"}
 DTYPES = ("bfloat16", "float16", "float32")
 SAMPLERS = ("top-k", "top-p", "greedy")  # moshi_mlx.sampling.PRESETS
+ENGINES = ("serial", "pipelined")  # moshi_mlx.engine.ENGINES
+DEFAULT_ENGINE = "pipelined"  # moshi_mlx.engine.DEFAULT_ENGINE
+MIMI_DEVICES = ("gpu", "cpu")  # moshi_mlx.engine.MIMI_DEVICES
 DEFAULT_BITS = 4
 
 
@@ -82,6 +86,25 @@ def quantization_from_args(args: argparse.Namespace):
     if args.quantize and args.bits is not None and args.bits != args.quantize:
         raise MoshiError(f"-q {args.quantize} and --q-bits {args.bits} disagree; give one")
     return Quantization(args.quantize or args.bits or DEFAULT_BITS, args.group_size)
+
+
+def add_engine_arguments(group) -> None:
+    """``--engine`` and ``--mimi-device``: how a frame's work is scheduled, and where Mimi runs."""
+    group.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=DEFAULT_ENGINE,
+        help=f"serial: Mimi, then the LM, then Mimi, one after the other; pipelined: Mimi runs "
+        f"while the LM computes the next frame, a frame costs max(LM, Mimi) and Moshi answers "
+        f"one frame (80 ms) later (default {DEFAULT_ENGINE})",
+    )
+    group.add_argument(
+        "--mimi-device",
+        choices=MIMI_DEVICES,
+        default=None,
+        help="where Mimi runs (default: cpu on Apple silicon, leaving the GPU to the LM as "
+        "Kyutai's app does, and where MLX has no GPU; gpu elsewhere)",
+    )
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -154,6 +177,7 @@ def load_model(
     thread that will run the model. ``report`` receives one-line progress messages."""
     import moshi_mlx
     from moshi_mlx import hub
+    from moshi_mlx.engine import mimi_device
     from moshi_mlx.quantize import quantize_report
 
     name, quantization = model_choice(args)
@@ -161,8 +185,15 @@ def load_model(
     report(f"loading {name}")
     if hub.local_folder(name) is None:
         report(f"fetching {name} from the Hugging Face Hub (cached after the first run)")
+    # Commands without --mimi-device keep Mimi on MLX's default device.
+    device = mimi_device(args.mimi_device) if hasattr(args, "mimi_device") else None
     model = moshi_mlx.load(
-        name, dtype=args.dtype, quantize=quantization, parts=parts, progress=progress
+        name,
+        dtype=args.dtype,
+        quantize=quantization,
+        parts=parts,
+        mimi_device=device,
+        progress=progress,
     )
     if quantization is not None:
         report(f"quantized the LM to {quantize_report(model.lm)}")

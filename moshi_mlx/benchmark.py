@@ -8,25 +8,34 @@ random user codes for the LM alone, as the reference harness).
   ``LmGen.step``'s timings), ``decode``; also ``lm`` (the LM step) and ``mimi`` (encode +
   decode). With no LM: Mimi's ``encode`` and ``decode`` of what it just encoded.
 - ``lm``: ``LmGen.step`` and the copy of its tokens to the host, nothing else.
-- ``frame``: ``DuplexSession.step``, the chat's loop body, with no sync added.
+- ``frame``: the duplex engine the chat runs (``SerialEngine`` or ``PipelinedEngine``), fed
+  each frame as soon as it takes one: the wall time of each ``push``, the time between
+  consecutive answers (``interval_ms``: what must stay under 80 ms) and from a frame's
+  ``push`` to its answer (``latency_ms``), both in steady state (answers from a ``push``, not
+  the final ``flush``).
+- ``full_context``: the peak memory of two frames with the LM's KV window full
+  (``memory.fill_context``), as in a conversation of more than ``context`` frames.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
 
+from .engine import DEFAULT_ENGINE, make_engine
 from .generate import LmGen
 from .lm import Lm
+from .memory import fill_context
 from .mimi import Mimi
 from .sampling import Sampling
 from .session import DuplexSession
 
 Progress = Callable[[int, int], None]
+PASSES = ("stages", "lm", "frame", "full_context")
 
 
 @dataclass
@@ -37,6 +46,8 @@ class Pass:
     name: str
     wall_ms: list[float] = field(default_factory=list)
     stages: dict[str, list[float]] = field(default_factory=dict)
+    interval_ms: list[float] = field(default_factory=list)  # between answers (engine pass)
+    latency_ms: list[float] = field(default_factory=list)  # push to answer (engine pass)
     cpu_s: float = 0.0
     peak_bytes: int = 0
 
@@ -96,12 +107,14 @@ def time_frames(
     sampling: Sampling,
     steps: int,
     warmup: int = 5,
-    stages: bool = True,
+    passes: Collection[str] = PASSES,
     progress_for: Callable[[str], Progress | None] = lambda name: None,
+    engine: str = DEFAULT_ENGINE,
 ) -> dict[str, Pass]:
-    """The ``stages`` (unless ``stages`` is False), ``lm`` and (with Mimi) ``frame`` passes
-    over the LM, with Mimi when given. ``progress_for(pass_name)`` gives each pass's callback.
-    Sampling uses ``sampling.seed``, which also picks the inputs."""
+    """The ``passes`` (of ``PASSES``; ``frame`` through the ``engine``, ``"serial"`` or
+    ``"pipelined"``, and ``stages``' Mimi timings only with Mimi) over the LM, with Mimi when
+    given. ``progress_for(pass_name)`` gives each pass's callback. Sampling uses
+    ``sampling.seed``, which also picks the inputs."""
     seed = sampling.seed or 0
     rng = np.random.default_rng(seed)
     total = warmup + steps
@@ -110,7 +123,7 @@ def time_frames(
     pcms = [(0.1 * rng.standard_normal(1920)).astype(np.float32) for _ in range(total)]
     gen = LmGen(lm, sampling)
     session = DuplexSession(lm, mimi, gen) if mimi is not None else None
-    passes: dict[str, Pass] = {}
+    wanted, passes = passes, {}
 
     def fresh_stream():
         if session is not None:
@@ -139,21 +152,123 @@ def time_frames(
         return st
 
     def lm_frame(i):
-        out = gen.step(user_codes[i], check=False)  # valid by construction
+        out = gen.step(user_codes[i % total], check=False)  # valid by construction
         if out is not None:
             np.array(out)
 
-    def session_frame(i):
-        session.step(pcms[i])
-
-    runs = [("stages", stage_frame)] if stages else []
-    runs.append(("lm", lm_frame))
-    if session is not None:
-        runs.append(("frame", session_frame))
-    for name, frame in runs:
-        fresh_stream()
-        passes[name] = _run(name, frame, warmup, steps, progress_for(name))
+    for name, frame in (("stages", stage_frame), ("lm", lm_frame)):
+        if name in wanted:
+            fresh_stream()
+            passes[name] = _run(name, frame, warmup, steps, progress_for(name))
+    if session is None:
+        if "full_context" in wanted:
+            passes["full_context"] = _full_context(lambda f: f(gen), lm_frame)
+        return passes
+    if not {"frame", "full_context"} & set(wanted):
+        return passes
+    with make_engine(engine, lm, mimi, gen) as running:
+        if "frame" in wanted:
+            passes["frame"] = _time_engine(running, pcms, warmup, steps, progress_for("frame"))
+            running.reset()
+        if "full_context" in wanted:
+            passes["full_context"] = _full_context(
+                running.lm_call, lambda i: running.push(pcms[i % total]), running.flush
+            )
     return passes
+
+
+def _time_engine(engine, pcms: list[np.ndarray], warmup: int, steps: int, progress) -> Pass:
+    """Push frames as fast as the engine takes them; see the module's ``frame`` pass."""
+    pushed, answered, from_push = {}, {}, set()
+
+    def frame(i):
+        pushed[i] = time.perf_counter()
+        for r in engine.push(pcms[i]):
+            answered[r.index] = time.perf_counter()
+            from_push.add(r.index)
+
+    result = _run("frame", frame, warmup, steps, progress)
+    for r in engine.flush():
+        answered[r.index] = time.perf_counter()
+    steady = sorted(i for i in from_push if i >= warmup)
+    result.latency_ms = [1000 * (answered[i] - pushed[i]) for i in steady]
+    result.interval_ms = [1000 * (answered[i] - answered[i - 1]) for i in steady if i > warmup]
+    return result
+
+
+def _full_context(lm_call: Callable, frame: Callable[[int], object], flush=None) -> Pass:
+    """Peak memory of two frames with the LM's KV window full, after the frames that fill
+    the delays; ``lm_call(fn)`` runs ``fn(gen)`` where the LM's state lives, ``flush()``
+    waits for frames in flight."""
+    delays = lm_call(lambda gen: gen.cfg.max_delay)
+    for i in range(delays + 1):
+        frame(i)
+    if flush is not None:
+        flush()
+    lm_call(fill_context)
+    mx.reset_peak_memory()
+    for i in range(delays + 1, delays + 3):
+        frame(i)
+    if flush is not None:
+        flush()
+    return Pass("full_context", peak_bytes=mx.get_peak_memory())
+
+
+FRAME_MS = 80.0  # one frame of audio
+
+
+def _p50_p95(result: dict, name: str, ms: list[float] | None) -> None:
+    t = summarize(ms or [])
+    result[f"{name}_ms_p50"] = round(t["median_ms"], 3) if t else None
+    result[f"{name}_ms_p95"] = round(t["p95_ms"], 3) if t else None
+
+
+def timing_report(passes: dict[str, Pass], engine: str | None) -> dict:
+    """The timing keys of ``moshi-mlx bench`` from its passes (``engine``: that of the
+    ``frame`` pass, None without one): ``*_ms_p50`` / ``*_ms_p95`` of the frame, LM step,
+    Mimi, stages, frame interval and latency; ``rtf`` (the frame interval over 80 ms for the
+    pipelined engine, the frame time otherwise), ``rtf_ref``, ``fps``; peak memory (GB)."""
+    st = passes["stages"].stages if "stages" in passes else {}
+    r: dict = {}
+    if "frame" in passes:
+        frame, how = passes["frame"].wall_ms, f"{engine} engine push, one per frame as the chat"
+    elif "lm" in passes:
+        frame, how = passes["lm"].wall_ms, "LmGen.step + host copy (no Mimi)"
+    else:
+        frame, how = st["mimi"], "Mimi encode_step + decode_step (no LM)"
+    _p50_p95(r, "frame", frame)
+    r["frame_timing"] = how
+    _p50_p95(r, "lm_step", passes["lm"].wall_ms if "lm" in passes else None)
+    if "lm" in passes:
+        r["lm_step_timing"] = "LmGen.step + host copy of the tokens, no other sync"
+    _p50_p95(r, "mimi", st.get("mimi"))
+    if "mimi" in st:
+        r["mimi_timing"] = "encode_step + decode_step, each synced"
+    engine_pass = passes.get("frame", Pass(""))
+    _p50_p95(r, "frame_interval", engine_pass.interval_ms)
+    _p50_p95(r, "frame_latency", engine_pass.latency_ms)
+    r["engine"] = engine if "frame" in passes else None
+    pipelined = engine == "pipelined" and r["frame_interval_ms_p50"] is not None
+    p50 = r["frame_interval_ms_p50"] if pipelined else r["frame_ms_p50"]
+    r["rtf"] = round(p50 / FRAME_MS, 4)
+    r["rtf_ref"] = round(FRAME_MS / p50, 4)
+    r["rtf_note"] = (
+        f"rtf = {'frame interval' if pipelined else 'frame'} / 80 ms (below 1 is real time); "
+        "rtf_ref = 80 ms / frame"
+    )
+    r["fps"] = round(1000.0 / p50, 3)
+    for name in ("encode", "temporal", "depth", "decode"):
+        if name in st:
+            _p50_p95(r, name, st[name])
+    if "lm" in st:
+        _p50_p95(r, "stages_frame", passes["stages"].wall_ms)
+        r["stages_timing"] = "a sync after each stage (temporal includes text sampling)"
+    timed = [p for name, p in passes.items() if name != "full_context"]
+    r["peak_memory_gb"] = round(max(p.peak_bytes for p in timed) / 1e9, 4)
+    full = passes.get("full_context")
+    r["peak_memory_full_context_gb"] = round(full.peak_bytes / 1e9, 4) if full else None
+    r["cpu_util"] = {name: round(p.cpu_util, 3) for name, p in passes.items() if p.wall_ms}
+    return r
 
 
 def summarize(ms: list[float]) -> dict[str, float] | None:

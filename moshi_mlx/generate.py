@@ -12,6 +12,7 @@ import mlx.core as mx
 
 from .errors import MoshiError, MoshiWarning
 from .lm import Lm
+from .pieces import boundary, evaluating_in_pieces
 from .sampling import Sampling, token_sampler
 from .validate import kind
 
@@ -57,7 +58,8 @@ class LmGen:
         self.audio_sampler = token_sampler(sampling.temp, sampling.top_k, sampling.top_p, cfg.card)
         self.seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
         # One compiled graph for the dep_q sequential depformer passes and their sampling;
-        # forcing is data (a mask), so forced and free steps share it.
+        # forcing is data (a mask), so forced and free steps share it. Evaluated in pieces
+        # (``moshi_mlx.pieces``) it runs uncompiled, with the same results.
         self._depformer = mx.compile(self.depformer_step)
         self.reset()
 
@@ -197,7 +199,8 @@ class LmGen:
             timings["temporal"] = 1000 * (t1 - t0)
 
         forced, mask = self._forced_next(batch)
-        produced, audio_logits = self._depformer(z, text, forced, mask, audio_key)
+        depformer = self.depformer_step if evaluating_in_pieces() else self._depformer
+        produced, audio_logits = depformer(z, text, forced, mask, audio_key)
         self.last_audio_logits = [audio_logits[:, k] for k in range(cfg.dep_q)]
         if timings is not None:
             mx.eval(produced)
@@ -238,7 +241,7 @@ class LmGen:
             h = lm.depformer_layers(x, [k], cache)
             logits.append(lm.linears[k](h[:, -1]).astype(mx.float32))
             sampled = self.audio_sampler(logits[-1], keys[k])
-            prev = mx.where(mask[k + 1], forced[:, k + 1], sampled)
+            prev = boundary(mx.where(mask[k + 1], forced[:, k + 1], sampled))
             produced.append(prev)
         return mx.stack(produced, axis=1), mx.stack(logits, axis=1)
 

@@ -12,6 +12,7 @@ from mlx_lm.models.cache import ConcatenateKVCache, RotatingKVCache
 from .attention import SelfAttention, attention_mask, self_attention
 from .errors import MoshiError
 from .layers import MultiLinear, ZeroEmbedding
+from .pieces import boundary
 from .validate import MAX_DELAY, choice, flag, integer, integers, number
 
 _REQUIRED = (
@@ -304,7 +305,7 @@ class Lm(nn.Module):
         the cached steps: one step or a prefill of many give the same result."""
         mask = attention_mask(x, cache[0] if cache else None, window=self.cfg.context)
         for i, layer in enumerate(self.transformer.layers):
-            x = layer(x, mask, cache[i] if cache is not None else None)
+            x = boundary(layer(x, mask, cache[i] if cache is not None else None))
         z = self.out_norm(x)
         return z, self.text_linear(z)
 

@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten
 
 from .errors import MoshiError, MoshiWarning
 from .lm import Lm, LmConfig
+from .memory import check_fits, param_bytes
 from .mimi import Mimi, MimiConfig
 from .quantize import Quantization, quantization_of, quantize_like, quantize_lm
 from .weights import (
@@ -28,6 +29,7 @@ from .weights import (
     checkpoint_kind,
     depformer_steps,
     drop_user_depformer_steps,
+    float_dtype,
     leaf_modules,
     lm_rules,
     load_into,
@@ -528,6 +530,16 @@ def _check_stated_quantization(lm: Lm, config: dict, path: Path) -> None:
         )
 
 
+def fits_memory(
+    lm: Lm, cfg: LmConfig, mimi: MimiConfig | bool, quantize: Quantization | None
+) -> None:
+    """``memory.check_fits`` for a lazily loaded (not yet read) LM."""
+    params = dict(tree_flatten(lm.parameters()))
+    stored = quantization_of(lm) if quantize is None else None
+    dtype = DTYPES[float_dtype(params)]
+    check_fits(cfg, dtype, quantize, mimi, weights=param_bytes(lm), stored=stored)
+
+
 class Model(NamedTuple):
     """What ``load`` returns; a part not asked for is None."""
 
@@ -545,6 +557,7 @@ def load(
     mimi_device: mx.Device | None = None,
     lazy: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    check_memory: bool = True,
 ) -> Model:
     """Everything needed to run Moshi from one name: ``(lm, mimi, tokenizer)``.
 
@@ -558,7 +571,9 @@ def load(
     are neither downloaded nor read). Mimi is float32, set to the number of codebooks the LM
     uses, its kernels chosen for ``mimi_device``; the tokenizer is a
     ``sentencepiece.SentencePieceProcessor``. Weights are read now, one layer at a time
-    (``progress(done, total)``), unless ``lazy``.
+    (``progress(done, total)``), unless ``lazy``. Before any weight is read, ``check_memory``
+    makes sure the LM, its full-context KV cache and Mimi fit the memory the device can use
+    (``memory.check_fits``: a one-line ``MoshiError`` naming a quantization that would fit).
     """
     files = find_model_files(model_folder(path_or_repo_id, parts), parts=parts)
     lm = mimi = tokenizer = None
@@ -569,6 +584,9 @@ def load(
         lm = load_lm(files.lm_weights, files.lm_config, dtype=as_dtype(dtype), quantize=quantize)
         if quantize is None and is_converted(files.config):
             _check_stated_quantization(lm, files.config, files.folder / "config.json")
+        if check_memory:
+            mimi_config = files.mimi_config if files.mimi_weights is not None else False
+            fits_memory(lm, files.lm_config, mimi_config, quantize)
         if not lazy:
             materialize(lm, progress)
     if files.mimi_weights is not None:

@@ -8,6 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .conv import Conv1d, ConvTranspose1d
+from .pieces import boundary
 
 
 @dataclass
@@ -100,9 +101,9 @@ class _ConvStack(nn.Module):
         return self.conv_out(nn.elu(x))
 
     def step(self, x: mx.array) -> mx.array:
-        x = self.conv_in.step(x)
+        x = boundary(self.conv_in.step(x))
         for b in self.blocks:
-            x = b.step(x)
+            x = boundary(b.step(x))
         return self.conv_out.step(nn.elu(x))
 
 

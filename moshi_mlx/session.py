@@ -23,12 +23,15 @@ class FrameResult:
     text_id: int | None  # text token of the same frame, None while the delays fill
     user_codes: np.ndarray  # the user's codes Mimi produced for this frame, [n_user]
     codes: np.ndarray | None  # Moshi's audio codes decoded into ``pcm``, [dep_q]
+    index: int = 0  # which input frame (0, 1, ... since the last reset) this is the answer to
 
 
 class DuplexSession:
     """Mimi ``encode_step`` -> ``LmGen.step`` -> Mimi ``decode_step`` for one 1920-sample frame.
 
-    All MLX work happens in the caller's thread; create and use a session on one thread.
+    Mimi runs on the device it was placed for (``Mimi.place``; MLX's default device if never
+    placed), the LM on MLX's default device. All MLX work happens in the caller's thread;
+    create and use a session on one thread.
     """
 
     def __init__(self, lm: Lm, mimi: Mimi, gen: LmGen):
@@ -38,17 +41,26 @@ class DuplexSession:
         self.n_user = lm.cfg.n_user
         mimi.set_num_codebooks(lm.cfg.mimi_codebooks)
         self.frame_size = mimi.frame_size
+        self.mimi_device = getattr(mimi, "device", None) or mx.default_device()
+        self.frames = 0
 
     def reset(self) -> None:
         self.mimi.reset()
         self.gen.reset()
+        self.frames = 0
 
     def encode(self, pcm: np.ndarray) -> mx.array:
+        """One frame of user audio ``[1920]`` -> the user's codes ``[1, n_user]`` (lazy)."""
+        if np.size(pcm) != self.frame_size:
+            raise MoshiError(f"a frame is {self.frame_size} samples, got {np.size(pcm)}")
         x = mx.array(np.asarray(pcm, dtype=np.float32).reshape(1, 1, self.frame_size))
-        return self.mimi.encode_step(x)[:, : self.n_user, 0]
+        with mx.stream(self.mimi_device):
+            return self.mimi.encode_step(x)[:, : self.n_user, 0]
 
     def decode(self, codes: mx.array) -> mx.array:
-        return self.mimi.decode_step(codes[:, :, None], check=False)[0, 0]
+        """Moshi's audio codes ``[1, dep_q]`` -> its 1920 samples (lazy)."""
+        with mx.stream(self.mimi_device):
+            return self.mimi.decode_step(codes[:, :, None], check=False)[0, 0]
 
     def step(self, pcm: np.ndarray) -> FrameResult:
         """Process one frame of user audio (``[1920]`` float32 at 24 kHz)."""
@@ -57,13 +69,14 @@ class DuplexSession:
                 f"`pcm` must be a float numpy array of {self.frame_size} samples, got "
                 f"{getattr(pcm, 'shape', type(pcm).__name__)}"
             )
+        index, self.frames = self.frames, self.frames + 1
         user = self.encode(pcm)
         # Codes from Mimi are valid by construction: no host check, one evaluation per frame.
         out = self.gen.step(user, check=False)
         if out is None:
-            return FrameResult(None, None, np.array(user[0]), None)
+            return FrameResult(None, None, np.array(user[0]), None, index)
         pcm_out = self.decode(out[:, 1:])
         mx.eval(pcm_out, out, user)
         return FrameResult(
-            np.array(pcm_out), int(out[0, 0]), np.array(user[0]), np.array(out[0, 1:])
+            np.array(pcm_out), int(out[0, 0]), np.array(user[0]), np.array(out[0, 1:]), index
         )

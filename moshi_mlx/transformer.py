@@ -12,6 +12,7 @@ from mlx_lm.models.cache import ConcatenateKVCache
 
 from .attention import SelfAttention, attention_mask
 from .conv import Linear
+from .pieces import boundary
 
 
 @dataclass
@@ -93,7 +94,7 @@ class MimiTransformer(nn.Module):
         start = self._caches[0].position
         mask = attention_mask(x, self._caches[0], window=self.context)
         for layer, cache in zip(self.layers, self._caches, strict=True):
-            x = layer(x, mask, start, cache)
+            x = boundary(layer(x, mask, start, cache))
         return x
 
     def reset(self) -> None:

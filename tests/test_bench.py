@@ -10,6 +10,7 @@ import re
 import shutil
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 from conftest import MIMI_DIR, UPSTREAM_MLX_DIR, run_python
 
@@ -26,6 +27,8 @@ TINY_LM = {
 TINY_MIMI = str(MIMI_DIR / "config.json")  # 24 kHz, 1920-sample frames, a few thousand weights
 REQUIRED_JSON_KEYS = {
     "frame_ms_p50", "frame_ms_p95", "lm_step_ms_p50", "mimi_ms_p50", "rtf", "peak_memory_gb",
+    "frame_interval_ms_p50", "frame_interval_ms_p95", "frame_latency_ms_p50",
+    "frame_latency_ms_p95", "peak_memory_full_context_gb",
 }  # fmt: skip
 KEY_VALUE = re.compile(r"^[a-z0-9_.]+=\S.*$")
 
@@ -56,13 +59,16 @@ def test_key_value_lines_cover_every_stage(capsys, tiny_config):
         line for line in lines if not KEY_VALUE.match(line)
     ]
     values = dict(line.split("=", 1) for line in lines)
-    for stage in ("frame", "lm_step", "mimi", "encode", "temporal", "depth", "decode"):
+    stages = ("frame", "lm_step", "mimi", "encode", "temporal", "depth", "decode",
+              "frame_interval", "frame_latency")  # fmt: skip
+    for stage in stages:
         for q in ("p50", "p95"):
             assert float(values[f"{stage}_ms_{q}"]) > 0, stage
         assert float(values[f"{stage}_ms_p95"]) >= float(values[f"{stage}_ms_p50"])
     for key in ("rtf", "rtf_ref", "fps", "peak_memory_gb", "mlx_version", "device"):
         assert values[key]
-    assert values["frame_timing"].startswith("DuplexSession.step")
+    assert values["frame_timing"].startswith("pipelined engine push")  # what chat runs
+    assert values["engine"] == "pipelined" and values["mimi_device"] == "cpu"
     assert values["config.dim"] == "64" and values["dtype"] == "bfloat16"
 
 
@@ -71,10 +77,52 @@ def test_json_is_one_object_with_the_issue_keys(capsys, tiny_config):
     assert code == 0
     result = json.loads(out)  # the whole of stdout is one object
     assert REQUIRED_JSON_KEYS <= result.keys()
-    assert result["rtf"] == pytest.approx(result["frame_ms_p50"] / 80, rel=1e-3)
-    assert result["rtf_ref"] == pytest.approx(80 / result["frame_ms_p50"], rel=1e-3)
-    assert result["peak_memory_gb"] > 0
+    assert result["rtf"] == pytest.approx(result["frame_interval_ms_p50"] / 80, rel=1e-3)
+    assert result["rtf_ref"] == pytest.approx(80 / result["frame_interval_ms_p50"], rel=1e-3)
+    assert result["peak_memory_gb"] > 0 and result["peak_memory_full_context_gb"] > 0
     assert result["quant"] is None and result["config"]["num_layers"] == 1
+
+
+def test_serial_engine_answers_from_its_own_frame(capsys, tiny_config):
+    code, out, _ = run_bench(capsys, *tiny_args(tiny_config, "--engine", "serial", "--json"))
+    assert code == 0
+    result = json.loads(out)
+    assert result["engine"] == "serial" and result["frame_timing"].startswith("serial")
+    assert result["rtf"] == pytest.approx(result["frame_ms_p50"] / 80, rel=1e-3)
+    # Serial: a frame's answer comes back from its own push, so latency is the push's time.
+    assert result["frame_latency_ms_p50"] == pytest.approx(result["frame_ms_p50"], rel=0.05)
+
+
+def test_pipelined_latency_spans_the_next_push(capsys, tiny_config):
+    code, out, _ = run_bench(capsys, *tiny_args(tiny_config, "--steps", "6", "--json"))
+    assert code == 0
+    result = json.loads(out)
+    # The answer to a frame comes from the next push: its latency covers two pushes' worth.
+    assert result["frame_latency_ms_p50"] > result["frame_interval_ms_p50"]
+
+
+def test_full_context_peak_holds_the_whole_kv_window(capsys, tmp_path):
+    from moshi_mlx import LmConfig
+    from moshi_mlx.memory import kv_cache_bytes
+
+    path = tmp_path / "long.json"  # a long window in a wide model: 12.6 MB of KV cache
+    path.write_text(json.dumps({**TINY_LM, "dim": 256, "num_layers": 2, "context": 3072}))
+    argv = tiny_args(str(path), "--no-mimi", "--no-stages", "--json")
+    code, out, _ = run_bench(capsys, *argv)
+    assert code == 0
+    result = json.loads(out)
+    kv = kv_cache_bytes(LmConfig.from_dict(json.loads(path.read_text()))) / 1e9
+    assert result["peak_memory_full_context_gb"] >= result["lm_params_gb"] + kv
+    assert result["peak_memory_full_context_gb"] - result["peak_memory_gb"] > 0.9 * kv
+
+
+def test_a_model_too_big_for_the_device_is_refused_before_it_is_built(capsys, monkeypatch):
+    monkeypatch.setenv("MOSHI_MLX_MEMORY_LIMIT_GB", "12")
+    code, out, err = run_bench(capsys, "--random-weights", "--steps", "1")  # 7B in bf16
+    assert code == 1 and out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert "Moshi needs 18.2 GB" in err and "MOSHI_MLX_MEMORY_LIMIT_GB allows 12.0 GB" in err
+    assert "use --quantize 8 (10.6 GB)" in err
 
 
 def test_quantized_run_reports_bits_and_default_group_size(capsys, tmp_path):
@@ -211,12 +259,20 @@ def test_config_presets_and_json(tiny_config):
         (["--random-weights", "--steps", "0"], "--steps must be at least 1"),
         (["--hf-path", "/nonexistent/model"], "no such folder"),
         (["--hf-path", "some/repo", "--dim", "256"], "--dim scales a --random-weights config"),
+        (["--random-weights", "--engine", "parallel"], "invalid choice: 'parallel'"),
     ],
 )
 def test_errors_are_one_line(capsys, argv, message):
     code, out, err = run_bench(capsys, *argv)
     assert code == 1 and out == ""
     assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.skipif(mx.metal.is_available() or mx.cuda.is_available(), reason="has a GPU")
+def test_mimi_on_a_gpu_that_is_not_there_is_refused(capsys):
+    code, _, err = run_bench(capsys, "--random-weights", "--mimi-device", "gpu")
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "--mimi-device gpu: MLX has no GPU on this machine; use cpu" in err
 
 
 def test_group_size_that_divides_no_width_is_refused(capsys, tmp_path):
