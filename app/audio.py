@@ -218,10 +218,12 @@ class LagPolicy:
         self.spares: deque[int] = deque(maxlen=settle)
         self.backlog: deque[int] = deque(maxlen=settle)
 
-    def decide(self, mic_waiting: int, speaker_waiting: int, spare: int) -> str:
+    def decide(self, mic_waiting: int, speaker_waiting: int, spare: int, in_flight: int = 0) -> str:
         """``mic_waiting``, ``speaker_waiting``: queue depths now; ``spare``: Moshi frames left
-        in the speaker queue just after this frame's callback took one (-1: it found none)."""
-        if mic_waiting + speaker_waiting > self.max_waiting:
+        in the speaker queue just after this frame's callback took one (-1: it found none);
+        ``in_flight``: frames inside the engine whose answers have not come back (the
+        pipelined engine's one), which count towards the hard bound like waiting frames."""
+        if mic_waiting + speaker_waiting + in_flight > self.max_waiting:
             self.spares.clear()
             self.backlog.clear()
             return self.DROP_MIC

@@ -39,6 +39,7 @@ from .display import make_screen
 from .echo import EchoCanceller, MicStage
 from .loop import FRAME, FRAME_S, SAMPLE_RATE, FrameDriver, Step, drive, split_frames
 from .options import (
+    add_engine_arguments,
     add_model_arguments,
     add_persona_arguments,
     add_sampling_arguments,
@@ -64,6 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     add_sampling_arguments(p)
     add_persona_arguments(p)
+    add_engine_arguments(p.add_argument_group("compute"))
     g = p.add_argument_group("audio")
     g.add_argument("--list-devices", action="store_true", help="list the sound devices and exit")
     g.add_argument("--input-device", help="microphone: device index or (part of a) name")
@@ -321,6 +323,7 @@ class ComputeWorker(threading.Thread):
         self.stage: MicStage | None = None
         self.recorder: Recorder | None = None
         self.play = _frames_of(args.debug_play) if args.debug_play else None
+        self.driver: FrameDriver | None = None
         self.pending: dict[int, tuple[np.ndarray, str]] = {}  # computed, not played yet
         self.compute_s: list[float] = []
         self.latency_s: list[float] = []
@@ -340,10 +343,12 @@ class ComputeWorker(threading.Thread):
             self.no_codes = np.full(lm.cfg.dep_q, -1)
             prompt = prompt_from_args(self.args, mimi, tokenizer, report=self._info)
             driver = FrameDriver(lm, mimi, tokenizer, self.sampling,
-                                 slow_s=self.args.debug_slow_ms / 1000, prompt=prompt)  # fmt: skip
+                                 slow_s=self.args.debug_slow_ms / 1000, prompt=prompt,
+                                 engine=self.args.engine)  # fmt: skip
+            self.driver = driver
             self._info("warming up" + (" and applying the persona prompt" if prompt else ""))
             seconds = driver.warmup()
-            self._info(f"warm-up done in {seconds:.1f} s")
+            self._info(f"warm-up done in {seconds:.1f} s ({self.args.engine} engine)")
             if prompt is not None:
                 self._info(f"persona prompt applied in {driver.prompt_s:.2f} s")
             self.ready.set()
@@ -354,6 +359,12 @@ class ComputeWorker(threading.Thread):
             drive(driver, self._mic_frames(), self._on_step)
         except BaseException as e:  # handed to the main thread, which raises it
             self.error = e
+        finally:
+            from moshi_mlx.engine import finish_thread
+
+            if self.driver is not None:
+                self.driver.close()  # the engine's LM thread stops with this one
+            finish_thread()
 
     def _info(self, message: str) -> None:
         self.events.put(("info", message))
@@ -367,7 +378,9 @@ class ComputeWorker(threading.Thread):
             except queue.Empty:
                 continue
             self._account(block)
-            decision = self.policy.decide(stage.waiting(), audio.speaker.qsize(), block.spare)
+            decision = self.policy.decide(
+                stage.waiting(), audio.speaker.qsize(), block.spare, self.driver.in_flight
+            )
             self._dump_block(block, decision)
             if decision == LagPolicy.DROP_MIC:
                 self.dropped_mic += 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from moshi_mlx.errors import MoshiError
 
 from .loop import FRAME, FRAME_S, SAMPLE_RATE
 from .options import (
+    add_engine_arguments,
     add_model_arguments,
     add_persona_arguments,
     add_sampling_arguments,
@@ -43,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     add_sampling_arguments(p)
     add_persona_arguments(p)
+    add_engine_arguments(p.add_argument_group("compute"))
     p.add_argument(
         "--json", action="store_true", help="print one JSON object (transcript, timings) only"
     )
@@ -105,7 +108,7 @@ def main(args: argparse.Namespace) -> int:
     with reader:
         lm, mimi, tokenizer = load_model(args, report=report)
         prompt = prompt_from_args(args, mimi, tokenizer, report=say)
-        driver = FrameDriver(lm, mimi, tokenizer, sampling, prompt=prompt)
+        driver = FrameDriver(lm, mimi, tokenizer, sampling, prompt=prompt, engine=args.engine)
         driver.warmup()
         if prompt is not None:
             say(f"persona prompt applied in {driver.prompt_s:.2f} s")
@@ -134,12 +137,16 @@ def main(args: argparse.Namespace) -> int:
                 drive(driver, input_frames(reader), collect)
         except KeyboardInterrupt:
             interrupted = True
+            # What is left (closing OUT) takes milliseconds: a second Ctrl-C must not lose it.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         except OSError as e:  # a full disk while writing OUT: nothing half-written is left
             wav.discard()
             raise MoshiError(f"cannot write {out_path}: {e.strerror or e}") from None
         except BaseException:
             wav.discard()
             raise
+        finally:
+            driver.close()
         try:
             wav.close()
         except OSError as e:
@@ -164,6 +171,7 @@ def main(args: argparse.Namespace) -> int:
             "pieces": pieces,
             "text_ids": text_ids,
             "seed": sampling.seed,
+            "engine": args.engine,
             "compute_ms_median": round(median * 1000, 2),
             "rtf_median": round(median / FRAME_S, 3),
         }))  # fmt: skip
@@ -171,7 +179,8 @@ def main(args: argparse.Namespace) -> int:
         print(flush=True)
         say(
             f"wrote {out_path}: {seconds:.2f} s in {time.perf_counter() - start:.1f} s; "
-            f"compute {median * 1000:.1f} ms/frame (median), RTF {median / FRAME_S:.2f}"
+            f"compute {median * 1000:.1f} ms/frame (median, {args.engine}), RTF "
+            f"{median / FRAME_S:.2f}"
         )
     if interrupted:
         say(f"interrupted: {out_path} holds the first {seconds:.2f} s of the answer")

@@ -305,16 +305,33 @@ def test_rich_status_line_fits_80_columns_and_keeps_the_counters():
 # ---- the frame loop on the converted fixture model -----------------------------------------
 
 
-def run_driver(model, pcm, sampling, warmup=True):
+def run_driver(model, pcm, sampling, warmup=True, engine="pipelined"):
     lm, mimi, tok = model
-    driver = FrameDriver(lm, mimi, tok, sampling)
-    if warmup:
-        driver.warmup()
-    else:
-        driver.reset()
-    steps = []
-    drive(driver, split_frames(pcm), lambda _, s: steps.append(s))
+    driver = FrameDriver(lm, mimi, tok, sampling, engine=engine)
+    try:
+        if warmup:
+            driver.warmup()
+        else:
+            driver.reset()
+        steps, items = [], []
+        frames = split_frames(pcm)
+        n = drive(driver, frames, lambda item, s: (items.append(item), steps.append(s)))
+    finally:
+        driver.close()
+    # every frame answered once, in order, paired with the frame it answers
+    assert n == len(frames) and [s.index for s in steps] == list(range(len(frames)))
+    assert all(item is frame for item, frame in zip(items, frames, strict=True))
     return steps
+
+
+def test_frame_loop_pipelined_equals_serial(model):
+    pcm = speech_like(1.2, seed=4)
+    pipelined = run_driver(model, pcm, Sampling(seed=9))
+    serial = run_driver(model, pcm, Sampling(seed=9), engine="serial")
+    for x, y in zip(pipelined, serial, strict=True):
+        assert x.text_id == y.text_id and x.text == y.text
+        np.testing.assert_array_equal(x.user_codes, y.user_codes)
+        np.testing.assert_array_equal(x.pcm, y.pcm)
 
 
 def test_frame_loop_is_deterministic_for_a_seed(model):
@@ -360,11 +377,12 @@ def test_run_end_to_end_is_deterministic_and_matches_the_frame_loop(tmp_path, mo
     speech = speech_like(1.0, seed=2, rate=44100)
     write_wav(tmp_path / "in.wav", np.stack([speech, 0.5 * speech], 1), 44100)
     outs = []
-    for name in ("a.wav", "b.wav"):
+    for name, engine in (("a.wav", "pipelined"), ("b.wav", "serial")):  # the same answer
         r = moshi_mlx_cmd("run", tmp_path / "in.wav", tmp_path / name, "--hf-path", model_dir,
-                          "--seed", 7, "--json", timeout=120)  # fmt: skip
+                          "--seed", 7, "--json", "--engine", engine, timeout=120)  # fmt: skip
         assert r.returncode == 0, r.stderr
         outs.append(json.loads(r.stdout))
+        assert outs[-1]["engine"] == engine
     a, b = outs
     assert a["frames"] == 13 and a["input_sample_rate"] == 44100 and a["input_channels"] == 2
     assert a["text_ids"] == b["text_ids"] and a["text_ids"][0] is None

@@ -217,11 +217,12 @@ def test_chat_loopback_mic_reaches_the_model_and_its_frames_reach_the_speaker(
     audible = {b: pcm for b, pcm in mic_frames(d).items() if np.any(pcm)}
     in_signal = find_frames(audible, padded, -lag_in, search=4800)
     assert len(in_signal) >= 0.9 * len(audible) >= 0.9 * len(sig) / FRAME, len(in_signal)
-    # ...and the model turned exactly those frames into its codes (replayed here, same seed)
+    # ...and the model turned exactly those frames into its codes (replayed here, same seed,
+    # by the serial engine: the chat's pipelined engine changes when work runs, never what)
     lm, mimi, tok = moshi_mlx.load(model_dir)
-    driver = FrameDriver(lm, mimi, tok, Sampling(seed=5))
+    driver = FrameDriver(lm, mimi, tok, Sampling(seed=5), engine="serial")
     driver.warmup()
-    replay = [driver.step(pcm) for pcm in d["step_pcm_in"]]
+    replay = [step for pcm in d["step_pcm_in"] for step in driver.step(pcm)]
     np.testing.assert_array_equal(np.stack([s.user_codes for s in replay]), d["step_user_codes"])
     np.testing.assert_allclose(np.stack([s.pcm for s in replay]), d["step_pcm_out"], atol=1e-5)
 
@@ -291,11 +292,14 @@ def test_chat_overload_keeps_latency_bounded_and_counts_drops(card, model_dir, t
     latency = bus_match["latency_ms"]
     device_ms = float(np.median(d["block_device_latency"])) * 1000
     compute_ms = float(d["step_compute_s"].max()) * 1000
-    # capture + waiting (bounded) + compute + the block it is played in + the devices
-    bound = device_ms + 80 + max_lag_ms + compute_ms + 80
+    # capture + waiting (bounded; the frame in flight in the pipelined engine counts as one
+    # of them) + its own compute and the next frame's (the pipelined engine answers a frame
+    # from the next push) + the block it is played in + the devices
+    bound = device_ms + 80 + (max_lag_ms - 80) + 2 * compute_ms + 80
     assert latency.max() <= bound, (latency.max(), bound)
     half = len(latency) // 2
-    assert np.median(latency[half:]) <= np.median(latency[:half]) + 40  # does not grow
+    # does not grow (latencies move in whole 80 ms frames)
+    assert np.median(latency[half:]) <= np.median(latency[:half]) + 80
     seconds = int(summary["blocks"]) * 0.08
     report(
         "overload",
