@@ -455,8 +455,10 @@ def test_chat_through_devices_at_other_rates_and_channels(card, model_dir, tmp_p
     })  # fmt: skip
 
 
-def test_chat_applies_a_role_prompt_and_says_how_long_it_took(card, model_dir, tmp_path):
-    chat = Chat(card, "--hf-path", model_dir, "--text-prompt", "You are a pirate.")
+@pytest.mark.parametrize("engine", ["pipelined", "serial"])
+def test_chat_applies_a_role_prompt_and_says_how_long_it_took(card, model_dir, tmp_path, engine):
+    chat = Chat(card, "--hf-path", model_dir, "--text-prompt", "You are a pirate.",
+                "--engine", engine)  # fmt: skip
     try:
         chat.wait_for("speak now")
         rc = chat.interrupt()
@@ -464,6 +466,7 @@ def test_chat_applies_a_role_prompt_and_says_how_long_it_took(card, model_dir, t
         chat.kill()
     assert rc == 0, (chat.out, chat.err)
     assert any(line.startswith("persona prompt applied in ") for line in chat.out), chat.out
+    assert any(f"({engine} engine)" in line for line in chat.out), chat.out
     assert any("not trained for system prompts" in line for line in chat.err)  # fixture: Moshiko
 
 
