@@ -11,9 +11,12 @@ recording missing at most its last second. Neither replaces an existing file unl
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from moshi_mlx.errors import MoshiError
 
 from .loop import FRAME, SAMPLE_RATE
 from .wavio import WavWriter, create
@@ -147,8 +150,31 @@ class Recorder:
         right = np.concatenate([self._pending_right, np.asarray(speaker, np.float32)])
         self._pending_right = right[FRAME:]
         channels = [mic, right[:FRAME], clean] if self.cleaned else [mic, right[:FRAME]]
-        self._wav.write(np.stack(channels, axis=1))
+        with self._failing_writes():
+            self._wav.write(np.stack(channels, axis=1))
         self.blocks += 1
+
+    @contextmanager
+    def _failing_writes(self):
+        """A write that fails (a full disk) ends the recording with one line; what was
+        written before stays, and nothing more is tried."""
+        try:
+            yield
+        except OSError as e:
+            self.closed = True
+            self._close_quietly()
+            raise MoshiError(
+                f"cannot write the recording {self.path}: {e.strerror or e} (what was recorded "
+                "before is kept)"
+            ) from None
+
+    def _close_quietly(self) -> None:
+        # The header first (the recording stays playable), then the files whatever happens.
+        for close in (self._wav.close, self._wav.file.close, self._text.close):
+            try:
+                close()
+            except (OSError, ValueError):
+                pass
 
     def time_of(self, index: int) -> float:
         """Recording time (s) at which Moshi's frame played in callback ``index`` is heard."""
@@ -156,14 +182,17 @@ class Recorder:
 
     def text(self, index: int, piece: str) -> None:
         with self._lock:
+            if self.closed:
+                return
             if self.offset is None:
                 self._early_text.append((index, piece))
             else:
                 self.transcript.add(self.time_of(index), piece)
 
     def _write_line(self, line: str) -> None:
-        self._text.write(line.encode())
-        self._text.flush()
+        with self._failing_writes():
+            self._text.write(line.encode())
+            self._text.flush()
 
     def close(self) -> tuple[Path, Path]:
         """Write the delayed speaker audio and the last transcript line, and close both."""
@@ -171,13 +200,14 @@ class Recorder:
             if not self.closed:
                 if self.offset is None:
                     self._settle()
-                self.closed = True
                 tail = self._pending_right
-                if len(tail):
-                    columns = np.zeros((len(tail), 3 if self.cleaned else 2), np.float32)
-                    columns[:, 1] = tail
-                    self._wav.write(columns)
-                self._wav.close()
-                self.transcript.finish()
-                self._text.close()
+                with self._failing_writes():
+                    if len(tail):
+                        columns = np.zeros((len(tail), 3 if self.cleaned else 2), np.float32)
+                        columns[:, 1] = tail
+                        self._wav.write(columns)
+                    self._wav.close()
+                    self.transcript.finish()
+                    self._text.close()
+                self.closed = True
         return self.path, self.transcript_path

@@ -13,7 +13,7 @@ from .attention import SelfAttention, attention_mask, self_attention
 from .errors import MoshiError
 from .layers import MultiLinear, ZeroEmbedding
 from .pieces import boundary
-from .validate import MAX_DELAY, choice, flag, integer, integers, number
+from .validate import MAX_COUNT, MAX_DELAY, choice, flag, integer, integers, number
 
 _REQUIRED = (
     "dim", "num_heads", "num_layers", "text_card", "card", "n_q", "dep_q", "delays",
@@ -90,10 +90,12 @@ class LmConfig:
     def validate(self) -> None:
         """Every field of the right type and range, and consistent with the others."""
         what = "LM config"
-        for name in ("dim", "text_card", "n_q", "dep_q", "card", "num_heads", "num_layers",
-                     "context", "depformer_dim", "depformer_dim_feedforward",
-                     "depformer_num_heads", "depformer_num_layers"):  # fmt: skip
+        for name in ("dim", "text_card", "card", "context", "depformer_dim",
+                     "depformer_dim_feedforward"):  # fmt: skip
             integer(what, name, getattr(self, name))
+        for name in ("n_q", "num_heads", "num_layers", "depformer_num_heads",
+                     "depformer_num_layers"):  # fmt: skip
+            integer(what, name, getattr(self, name), 1, MAX_COUNT)
         integer(what, "existing_text_padding_id", self.existing_text_padding_id, 0,
                 self.text_card - 1)  # fmt: skip
         integer(what, "dep_q", self.dep_q, 1, self.n_q)

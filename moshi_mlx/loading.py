@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 
 from .errors import MoshiError, MoshiWarning
 from .lm import Lm, LmConfig
-from .memory import check_fits, param_bytes
+from .memory import check_config_fits, check_fits, param_bytes
 from .mimi import Mimi, MimiConfig
 from .quantize import Quantization, quantization_of, quantize_like, quantize_lm
 from .weights import (
@@ -573,9 +573,14 @@ def load(
     ``sentencepiece.SentencePieceProcessor``. Weights are read now, one layer at a time
     (``progress(done, total)``), unless ``lazy``. Before any weight is read, ``check_memory``
     makes sure the LM, its full-context KV cache and Mimi fit the memory the device can use
-    (``memory.check_fits``: a one-line ``MoshiError`` naming a quantization that would fit).
+    (``memory.check_fits``: a one-line ``MoshiError`` naming a quantization that would fit;
+    configs that cannot fit in any form are refused before anything is built).
     """
     files = find_model_files(model_folder(path_or_repo_id, parts), parts=parts)
+    if check_memory:  # at once, before building anything
+        check_config_fits(files.lm_config if files.lm_weights is not None else None,
+                          files.mimi_config if files.mimi_weights is not None else None,
+                          f"the config of {path_or_repo_id}")  # fmt: skip
     lm = mimi = tokenizer = None
     if files.tokenizer is not None:
         tokenizer = load_tokenizer(files.tokenizer)

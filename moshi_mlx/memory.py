@@ -21,9 +21,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import MoshiError
-from .lm import Lm, LmConfig
-from .mimi import Mimi, MimiConfig
-from .quantize import Quantization, quantize_lm
+from .lm import LmConfig
+from .mimi import MimiConfig
+from .quantize import Quantization
 
 GB = 1e9
 LIMIT_ENV = "MOSHI_MLX_MEMORY_LIMIT_GB"  # overrides what the device reports (tests, shared boxes)
@@ -45,18 +45,90 @@ def param_bytes(model: nn.Module) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
+def lm_tensors(cfg: LmConfig) -> list[tuple[int, int, int, bool]]:
+    """Every weight of ``Lm(cfg)`` as ``(count, rows, cols, quantizable)`` (a vector has one
+    row; ``quantizable``: what ``quantize_lm`` may quantize). The shapes the model builds,
+    written out so that any config is sized at once, however absurd (the tests hold the two
+    equal)."""
+    d, dd, v, card = cfg.dim, cfg.depformer_dim, cfg.text_card, cfg.card
+    h, dh = cfg.hidden_dim, cfg.depformer_hidden_dim
+    layers, dep_layers, sets = cfg.num_layers, cfg.depformer_num_layers, max(cfg.schedule) + 1
+    rank = cfg.depformer_low_rank_embeddings
+    if rank:  # a table of ``rank`` columns (not a leaf: kept in float) and a projection
+        dep_embeddings = [(1, v + 1, rank, False), (cfg.dep_q - 1, card + 1, rank, False),
+                          (cfg.dep_q, dd, rank, True)]  # fmt: skip
+    else:
+        dep_embeddings = [(1, v + 1, dd, True), (cfg.dep_q - 1, card + 1, dd, True)]
+    return [
+        (1, v + 1, d, True),  # text_emb
+        (cfg.n_q, card + 1, d, True),  # emb
+        (2 * layers + 1, 1, d, False),  # the temporal layers' norms, out_norm
+        (layers, 3 * d, d, True),  # in_proj
+        (layers, d, d, True),  # out_proj
+        (layers, 2 * h, d, True),  # gating.linear_in
+        (layers, d, h, True),  # gating.linear_out
+        (1, v, d, True),  # text_linear
+        (cfg.dep_q if cfg.depformer_multi_linear else 1, dd, d, True),  # depformer_in
+        *dep_embeddings,
+        (2 * dep_layers, 1, dd, False),  # the depformer's norms
+        (dep_layers, sets * 3 * dd, dd, True),  # in_proj, one block of rows per weight set
+        (dep_layers, sets * dd, dd, True),  # out_proj
+        (dep_layers * sets, 2 * dh, dd, True),  # gating.linear_in
+        (dep_layers * sets, dd, dh, True),  # gating.linear_out
+        (cfg.dep_q, card, dd, True),  # linears
+    ]
+
+
+def lm_parameters(cfg: LmConfig) -> int:
+    """Parameters of ``Lm(cfg)`` (7.69 billion for Moshi 7B)."""
+    return sum(count * rows * cols for count, rows, cols, _ in lm_tensors(cfg))
+
+
 def lm_weight_bytes(
     cfg: LmConfig, dtype: mx.Dtype = mx.bfloat16, quantization: Quantization | None = None
 ) -> int:
-    """Bytes of the LM's weights in ``dtype``, quantized as ``quantize_lm`` does (scales and
-    biases in ``dtype``; layers the group size does not divide stay in float). Worked out from
-    the shapes of a lazily built model: nothing is allocated (building it draws from MLX's
-    global random state, as building any model does)."""
-    lm = Lm(cfg)
-    lm.set_dtype(dtype)
-    if quantization is not None:
-        quantize_lm(lm, quantization)
-    return param_bytes(lm)
+    """Bytes of the LM's weights in ``dtype``, quantized as ``quantize_lm`` does: ``bits`` per
+    weight plus a scale and a bias in ``dtype`` per group; layers whose input width the group
+    size does not divide stay in float."""
+    total = 0
+    for count, rows, cols, quantizable in lm_tensors(cfg):
+        if quantization is None or not quantizable or cols % quantization.group_size:
+            size = rows * cols * dtype.size
+        else:
+            groups = rows * cols // quantization.group_size
+            size = rows * cols * quantization.bits // 8 + 2 * groups * dtype.size
+        total += count * size
+    return total
+
+
+def mimi_parameters(cfg: MimiConfig) -> int:
+    """Parameters of ``Mimi(cfg)``, worked out from the config (the tests hold it equal to the
+    built codec)."""
+    s, t = cfg.seanet, cfg.transformer
+
+    def conv(cin: int, cout: int, kernel: int, bias: bool = True) -> int:
+        return cout * kernel * cin + (cout if bias else 0)
+
+    def residuals(dim: int) -> int:
+        hidden = dim // s.compress
+        per = conv(dim, hidden, s.residual_kernel_size) + conv(hidden, dim, 1)
+        return s.n_residual_layers * per
+
+    n, dim = conv(s.channels, s.n_filters, s.kernel_size), s.n_filters  # SEANet encoder
+    for ratio in reversed(s.ratios):
+        n += residuals(dim) + conv(dim, 2 * dim, 2 * ratio)
+        dim *= 2
+    n += conv(dim, s.dimension, s.last_kernel_size) + conv(s.dimension, dim, s.kernel_size)
+    for ratio in s.ratios:  # SEANet decoder
+        n += conv(dim, dim // 2, 2 * ratio) + residuals(dim // 2)
+        dim //= 2
+    n += conv(dim, s.channels, s.last_kernel_size)
+    d, ff = t.d_model, t.dim_feedforward
+    n += 2 * t.num_layers * (4 * d + 4 * d * d + 2 * d * ff + 2 * d)  # both transformers
+    kernel = 2 * cfg.downsample_stride  # downsample, and the depthwise upsample
+    n += conv(s.dimension, s.dimension, kernel, bias=False) + s.dimension * kernel
+    n += 2 * 2 * s.dimension * cfg.codebook_dim  # the two RVQs' projections
+    return n + cfg.n_q * (cfg.bins * cfg.codebook_dim + cfg.bins + 1)  # codebooks
 
 
 def kv_cache_bytes(cfg: LmConfig, dtype: mx.Dtype = mx.bfloat16, batch: int = 1) -> int:
@@ -71,7 +143,7 @@ def mimi_bytes(cfg: MimiConfig | None = None, batch: int = 1) -> int:
     with their windows full."""
     cfg = cfg or MimiConfig()
     t = cfg.transformer
-    return param_bytes(Mimi(cfg)) + 2 * 2 * t.num_layers * batch * t.context * t.d_model * 4
+    return 4 * mimi_parameters(cfg) + 2 * 2 * t.num_layers * batch * t.context * t.d_model * 4
 
 
 @dataclass(frozen=True)
@@ -143,10 +215,7 @@ def check_fits(
     return the footprint otherwise. ``stored``: the quantization the weights already have
     (a quantized checkpoint cannot be quantized again, so then only a smaller model helps)."""
     need = footprint(cfg, dtype, quantization, mimi, weights)
-    if limit is None:
-        limit, who = usable_memory()
-    else:
-        who = "the limit allows"
+    limit, who = _limit(limit)
     if need.total <= limit:
         return need
     current = quantization or stored
@@ -166,6 +235,29 @@ def check_fits(
     else:
         message += f"; use `quantize` {fits[0]} ({fits[1] / GB:.1f} GB)"
     raise MoshiError(message)
+
+
+def check_config_fits(
+    cfg: LmConfig | None, mimi: MimiConfig | None, source: str, limit: int | None = None
+) -> None:
+    """Refuse at once, before anything is built or read, configs whose model cannot fit the
+    device in any form (``cfg``'s LM at 4 bits with its full KV cache, and ``mimi``): a
+    hand-edited or hostile config (a 51200-wide model, a codec of a million-entry codebooks)
+    must not cost minutes and gigabytes before its error. ``check_fits`` then checks the
+    model in the form it is loaded. ``source`` names the config in the message."""
+    need = 0 if mimi is None else mimi_bytes(mimi)
+    if cfg is not None:
+        need += lm_parameters(cfg) // 2 + kv_cache_bytes(cfg, mx.float16)
+    limit, who = _limit(limit)
+    if need > limit:
+        raise MoshiError(
+            f"{source} describes a model that needs at least {need / GB:,.1f} GB even at 4 "
+            f"bits, but {who} {limit / GB:.1f} GB: is it the right config?"
+        )
+
+
+def _limit(limit: int | None) -> tuple[int, str]:
+    return usable_memory() if limit is None else (limit, "the limit allows")
 
 
 def fill_context(gen) -> None:

@@ -12,7 +12,7 @@ from .errors import MoshiError
 from .quantizer import SplitResidualVectorQuantizer
 from .seanet import SeanetConfig, SeanetDecoder, SeanetEncoder
 from .transformer import MimiTransformer, TransformerConfig
-from .validate import MAX_SIZE, choice, integer, integers, kind, number
+from .validate import MAX_COUNT, MAX_SIZE, choice, integer, integers, kind, number
 
 # Upstream options this implementation has one value of: any other is refused, never ignored.
 _UNSUPPORTED_UNLESS = {
@@ -89,14 +89,18 @@ class MimiConfig:
         for name in ("dimension", "n_filters", "kernel_size", "residual_kernel_size",
                      "last_kernel_size", "dilation_base", "compress"):  # fmt: skip
             integer(what, f"seanet.{name}", getattr(s, name))
+        integer(what, "seanet.n_residual_layers", s.n_residual_layers, 1, MAX_COUNT)
         integers(what, "seanet.ratios", s.ratios, 1, MAX_SIZE)
-        for name in ("num_heads", "num_layers", "dim_feedforward", "context"):
+        integer(what, "the length of seanet.ratios", len(s.ratios), 1, 16)  # channels double
+        for name in ("dim_feedforward", "context"):
             integer(what, f"transformer.{name}", getattr(t, name))
+        for name in ("num_heads", "num_layers"):
+            integer(what, f"transformer.{name}", getattr(t, name), 1, MAX_COUNT)
         number(what, "transformer.max_period", t.max_period)
         number(what, "transformer.layer_scale", t.layer_scale)
-        for name, value in (("quantizer.n_q", self.n_q), ("quantizer.bins", self.bins),
-                            ("quantizer.dimension", self.codebook_dim)):  # fmt: skip
-            integer(what, name, value)
+        integer(what, "quantizer.n_q", self.n_q, 1, MAX_COUNT)
+        integer(what, "quantizer.bins", self.bins)
+        integer(what, "quantizer.dimension", self.codebook_dim)
         if s.dimension % t.num_heads:
             raise MoshiError(f"{what}: seanet.dimension must be a multiple of num_heads")
         frame = self.sample_rate / self.frame_rate

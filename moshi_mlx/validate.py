@@ -10,7 +10,10 @@ from .errors import MoshiError
 
 # Bounds far beyond any real model, so that an edited or hostile config fails at once instead
 # of asking for more memory than a machine has (sizes are also checked against memory).
-MAX_SIZE = 1 << 20  # widths, vocabularies, heads, layers
+MAX_SIZE = 1 << 20  # widths, vocabularies
+# Layers, heads, codebooks, SEANet stages (Moshi: at most 32): each builds objects of its own,
+# ~50 kB a layer, so their counts are bounded here and the widths by memory (``memory``).
+MAX_COUNT = 1024
 MAX_DELAY = 256  # steps a stream may lag (Moshi: 1, the 2B: 2)
 
 

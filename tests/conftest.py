@@ -35,6 +35,20 @@ def run_python(code: str, **kwargs) -> subprocess.CompletedProcess:
                           cwd=Path(__file__).parent, **kwargs)  # fmt: skip
 
 
+def tmpfs(folder: Path, options: str):
+    """A tmpfs mounted at ``folder`` for the test, or a skip where this machine cannot mount
+    one (not root, or no tmpfs)."""
+    folder.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                       capture_output=True, text=True)  # fmt: skip
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs ({options}) here ({r.stderr.strip() or r.returncode})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
 # A word-level sentencepiece model with Moshi's special ids (0 unk / end of padding, 1 <s>, 2
 # </s>, 3 <pad>) and as many pieces as the fixture LM has text ids: these sentences' words
 # first, then made-up words. Trains in a tenth of a second.

@@ -15,12 +15,13 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 from audio_card import AUDIO_ENV, Chat, card_env, locate, report, stop_card
-from conftest import moshi_mlx_cmd, run_python
+from conftest import moshi_mlx_cmd, run_python, tmpfs
 
 import moshi_mlx
 from moshi_mlx import Sampling
@@ -347,6 +348,31 @@ def test_chat_device_lost_mid_stream_exits_with_one_line_and_keeps_the_recording
     rec, rate = read_wav(tmp_path / "lost.wav")
     assert rate == SAMPLE_RATE and rec.shape[1] == 3 and len(rec) >= SAMPLE_RATE  # + cleaned mic
     assert any(line.startswith("summary ") for line in chat.out)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 256 kB file system: under two seconds of recording."""
+    yield from tmpfs(tmp_path / "disk", "size=256k")
+
+
+def test_a_full_disk_ends_the_recording_chat_with_one_line(card, model_dir, tiny_disk):
+    chat = Chat(card, "--hf-path", model_dir, "--record", tiny_disk / "talk.wav")
+    try:
+        chat.wait_for("speak now")
+        rc = chat.wait(timeout=60)  # it fills the disk within seconds
+    finally:
+        chat.kill()
+    assert rc == 1, (chat.out, chat.err)
+    assert len(chat.err) == 1, chat.err
+    assert chat.err[0].startswith(
+        f"moshi-mlx chat: error: cannot write the recording {tiny_disk / 'talk.wav'}: No space"
+    )
+    with warnings.catch_warnings():  # a header ahead of what fitted on the disk says so
+        warnings.simplefilter("ignore")
+        rec, rate = read_wav(tiny_disk / "talk.wav")
+    assert rate == SAMPLE_RATE and rec.shape[1] == 3 and len(rec) > SAMPLE_RATE // 2
+    assert sorted(p.name for p in tiny_disk.iterdir()) == ["talk.transcript.txt", "talk.wav"]
 
 
 def run_chat(env, *args, timeout=60) -> subprocess.CompletedProcess:

@@ -3,17 +3,20 @@ model too big for the device before anything is read."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import LM_DIR, MIMI_DIR
+from mlx.utils import tree_flatten
 
 import moshi_mlx
-from moshi_mlx import LmConfig, Quantization
+from moshi_mlx import LmConfig, MimiConfig, Quantization
 from moshi_mlx.app.cli import main as cli_main
 from moshi_mlx.errors import MoshiError
+from moshi_mlx.lm import Lm
 from moshi_mlx.memory import (
     GB,
     LIMIT_ENV,
@@ -21,11 +24,14 @@ from moshi_mlx.memory import (
     fill_context,
     footprint,
     kv_cache_bytes,
+    lm_tensors,
     lm_weight_bytes,
     mimi_bytes,
+    mimi_parameters,
     param_bytes,
     usable_memory,
 )
+from moshi_mlx.mimi import Mimi
 
 # Widths 128 / 352 / 64 / 176: every layer quantizes with group 32 and 64.
 SMALL = LmConfig(dim=128, text_card=64, num_heads=2, num_layers=2, context=24,
@@ -41,6 +47,47 @@ SMALL = LmConfig(dim=128, text_card=64, num_heads=2, num_layers=2, context=24,
 def test_lm_weight_bytes_are_those_of_the_built_model(dtype, quantization):
     built = moshi_mlx.random_lm(SMALL, dtype, quantization)
     assert lm_weight_bytes(SMALL, dtype, quantization) == param_bytes(built)
+
+
+FIXTURE = LmConfig.from_dict(json.loads((LM_DIR / "config.json").read_text()))
+VARIANTS = {
+    "fixture": FIXTURE,  # widths 64/176/32/88: group 64 leaves some layers in float
+    "moshi-7b": LmConfig.moshi_7b(),
+    "moshi-2b": LmConfig.moshi_2b(),
+    "personaplex": LmConfig.personaplex_7b(),
+    "low-rank": dataclasses.replace(FIXTURE, depformer_low_rank_embeddings=16),
+    "schedule": dataclasses.replace(FIXTURE,
+                                    depformer_weights_per_step_schedule=[0, 1, 1, 2, 2, 2, 3, 3]),
+    "one-set": dataclasses.replace(FIXTURE, depformer_weights_per_step=False,
+                                   depformer_multi_linear=False),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_the_lm_arithmetic_gives_the_shapes_the_model_builds(name):
+    cfg = VARIANTS[name]
+    built = sorted(tuple(v.shape) for _, v in tree_flatten(Lm(cfg).parameters()))
+    listed = sorted(
+        (cols,) if rows == 1 else (rows, cols)
+        for count, rows, cols, _ in lm_tensors(cfg)
+        for _ in range(count)
+    )
+    assert listed == built
+
+
+@pytest.mark.parametrize("name", ["fixture", "low-rank", "schedule"])
+@pytest.mark.parametrize("quantization", [Quantization(4, 32), Quantization(8, 64)])
+def test_the_lm_arithmetic_quantizes_as_quantize_lm_does(name, quantization):
+    cfg = VARIANTS[name]
+    built = moshi_mlx.random_lm(cfg, mx.float16, quantization)
+    assert lm_weight_bytes(cfg, mx.float16, quantization) == param_bytes(built)
+
+
+@pytest.mark.parametrize("config", ["real", "fixture"])
+def test_the_mimi_arithmetic_counts_the_parameters_the_codec_builds(config):
+    cfg = MimiConfig() if config == "real" else moshi_mlx.load_mimi(
+        MIMI_DIR / "weights.safetensors", MIMI_DIR / "config.json").cfg  # fmt: skip
+    assert 4 * mimi_parameters(cfg) == param_bytes(Mimi(cfg))
 
 
 def test_lm_weight_bytes_of_moshi_7b_match_kyutais_files():

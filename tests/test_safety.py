@@ -24,7 +24,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import LM_DIR, MIMI_DIR, MOSHI_MLX, moshi_mlx_cmd
+from conftest import LM_DIR, MIMI_DIR, MOSHI_MLX, moshi_mlx_cmd, tmpfs
 
 import moshi_mlx
 from moshi_mlx import MoshiError
@@ -250,6 +250,65 @@ def test_a_batch_size_changed_mid_stream_is_refused(lm, mimi):
     mimi.reset()
 
 
+# Configs whose model cannot fit any machine's memory, or whose counts are absurd: refused
+# from the arithmetic (or the count's bound) before anything is built. Each runs through the
+# command line in a fresh wrapper process, whose children's peak memory is that command's.
+ABSURD_LM = [
+    ("dim", 51200, "describes a model that needs at least"),  # 1e12 parameters
+    ("hidden_scale", 1e7, "describes a model that needs at least"),  # a 640M-wide MLP
+    ("num_layers", 10**6, "num_layers must be an integer in [1, 1024], got 1000000"),
+    ("n_q", 10**6, "n_q must be an integer in [1, 1024]"),
+]
+ABSURD_MIMI = [
+    ("quantizer.n_q", 10**6, "quantizer.n_q must be an integer in [1, 1024]"),
+    ("quantizer.dimension", 1 << 20, "describes a model that needs at least"),
+    ("transformer.num_layers", 10**6, "transformer.num_layers must be an integer in [1, 1024]"),
+    ("seanet.ratios", [1] * 40, "the length of seanet.ratios must be"),
+]
+_PEAK = """
+import resource, subprocess, sys, time
+t0 = time.perf_counter()
+r = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+print(r.returncode, peak, round(time.perf_counter() - t0, 2))
+print(r.stderr, file=sys.stderr, end="")
+"""
+
+
+def peak_of(*argv) -> tuple[int, str, int, float]:
+    """``moshi-mlx argv``: exit code, stderr, its peak resident bytes and its seconds."""
+    r = subprocess.run([sys.executable, "-c", _PEAK, str(MOSHI_MLX), *map(str, argv)],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    code, peak, seconds = r.stdout.split()
+    return int(code), r.stderr, int(peak), float(seconds)
+
+
+@pytest.mark.parametrize("key, value, words", ABSURD_LM + ABSURD_MIMI)
+def test_absurd_sizes_are_refused_before_anything_is_built(tmp_path, pytorch_repo, key, value,
+                                                           words):  # fmt: skip
+    folder = copy_folder(pytorch_repo, tmp_path / "model")
+    name = "mimi_config.json" if (key, value, words) in ABSURD_MIMI else "config.json"
+    with_upstream_config(folder, name, set_field(key, value))
+    speech_wav(tmp_path / "in.wav")
+    code, err, peak, _ = peak_of(
+        "run", tmp_path / "in.wav", tmp_path / "o.wav", "--hf-path", folder
+    )
+    one_line_error(code, err, words)
+    assert peak < 1e9, peak  # nothing allocated on the config's word
+    assert not (tmp_path / "o.wav").exists()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--dim", 51200, "--heads", 32], "no quantization makes it fit"),
+    (["--layers", 10**6], "num_layers must be an integer in [1, 1024]"),
+    (["--dim", 4096, "--layers", 1024], "no quantization makes it fit"),
+])  # fmt: skip
+def test_absurd_bench_models_are_refused_before_anything_is_built(flags, words):
+    code, err, peak, _ = peak_of("bench", "--random-weights", "--steps", 1, *flags)
+    one_line_error(code, err, words)
+    assert peak < 1e9, peak
+
+
 # ---- never destroy the user's files ----------------------------------------------------------
 
 
@@ -419,20 +478,6 @@ def test_a_killed_writers_temporary_is_removed_by_the_next_writer(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         p.name for p in (out, running, unlike, link)
     )
-
-
-def tmpfs(folder: Path, options: str):
-    """A tmpfs mounted at ``folder`` for the test, or a skip where this machine cannot mount
-    one (not root, or no tmpfs)."""
-    folder.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
-                       capture_output=True, text=True)  # fmt: skip
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs ({options}) here ({r.stderr.strip() or r.returncode})")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
 
 
 @pytest.fixture
