@@ -130,12 +130,16 @@ class FrameDriver:
 
 
 def _system_prompt(prompt: Prompt):
-    """``LmGen.system_prompt`` for ``engine.lm_call``: the voice's codes become an MLX array on
-    the LM's thread."""
-    import mlx.core as mx
+    """``LmGen.system_prompt`` for ``engine.lm_call``: the voice's codes become an MLX array
+    there, on the LM's thread."""
 
-    voice = None if prompt.voice_codes is None else mx.array(prompt.voice_codes)
-    return lambda gen: gen.system_prompt(voice_codes=voice, text_tokens=prompt.text_tokens)
+    def apply(gen) -> None:
+        import mlx.core as mx
+
+        voice = None if prompt.voice_codes is None else mx.array(prompt.voice_codes)
+        gen.system_prompt(voice_codes=voice, text_tokens=prompt.text_tokens)
+
+    return apply
 
 
 def drive(driver: FrameDriver, source: Iterable, sink: Callable[[object, Step], None]) -> int:
