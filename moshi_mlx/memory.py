@@ -251,8 +251,8 @@ def check_config_fits(
     limit, who = _limit(limit)
     if need > limit:
         raise MoshiError(
-            f"{source} describes a model that needs at least {need / GB:,.1f} GB even at 4 "
-            f"bits, but {who} {limit / GB:.1f} GB: is it the right config?"
+            f"{source} describes a model that needs at least {need / GB:.3g} GB even at 4 "
+            f"bits, but {who} {limit / GB:.3g} GB: is it the right config?"
         )
 
 

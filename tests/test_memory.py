@@ -173,11 +173,19 @@ def test_run_says_in_one_line_that_the_model_does_not_fit(tmp_path, monkeypatch,
     from moshi_mlx.app.wavio import write_wav
 
     write_wav(tmp_path / "in.wav", np.zeros((2400, 1), np.float32), 24000)
-    monkeypatch.setenv(LIMIT_ENV, "0.000001")
     argv = ["run", str(tmp_path / "in.wav"), str(tmp_path / "out.wav"), "--hf-path",
             str(pytorch_repo)]  # fmt: skip
-    assert cli_main(argv) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("moshi-mlx run: error: Moshi needs")
-    assert "no quantization makes it fit" in err[-1] and not any("Traceback" in e for e in err)
-    assert not (tmp_path / "out.wav").exists()
+    mimi_cfg = moshi_mlx.load_mimi(MIMI_DIR / "weights.safetensors", MIMI_DIR / "config.json").cfg
+    # Below the fixture in 4 bits (bf16 scales; its float32 file would give float32 ones), so
+    # that nothing fits; above what a config needs at the least, so that the config passes.
+    q4 = footprint(FIXTURE, mx.bfloat16, Quantization(4), mimi_cfg).total
+    for limit, words in (
+        (q4 - 1, ("Moshi needs", "no quantization makes it fit")),
+        (1000, ("the config of", "needs at least 0.0111 GB even at 4 bits, but")),
+    ):
+        monkeypatch.setenv(LIMIT_ENV, str(limit / GB))
+        assert cli_main(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"moshi-mlx run: error: {words[0]}"), err
+        assert words[1] in err[0], err
+        assert not (tmp_path / "out.wav").exists()
