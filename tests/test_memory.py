@@ -24,6 +24,7 @@ from moshi_mlx.memory import (
     fill_context,
     footprint,
     kv_cache_bytes,
+    lm_parameters,
     lm_tensors,
     lm_weight_bytes,
     mimi_bytes,
@@ -179,9 +180,11 @@ def test_run_says_in_one_line_that_the_model_does_not_fit(tmp_path, monkeypatch,
     # Below the fixture in 4 bits (bf16 scales; its float32 file would give float32 ones), so
     # that nothing fits; above what a config needs at the least, so that the config passes.
     q4 = footprint(FIXTURE, mx.bfloat16, Quantization(4), mimi_cfg).total
+    # a 4-bit weight is half a byte; the KV cache at least 2 bytes a value; Mimi as it is
+    least = lm_parameters(FIXTURE) // 2 + kv_cache_bytes(FIXTURE, mx.float16) + mimi_bytes(mimi_cfg)
     for limit, words in (
         (q4 - 1, ("Moshi needs", "no quantization makes it fit")),
-        (1000, ("the config of", "needs at least 0.0111 GB even at 4 bits, but")),
+        (1000, ("the config of", f"needs at least {least / GB:.3g} GB even at 4 bits, but")),
     ):
         monkeypatch.setenv(LIMIT_ENV, str(limit / GB))
         assert cli_main(argv) == 1
