@@ -9,13 +9,16 @@
 #   scripts/gpu_bench.sh stash           device, call 1: keep the wheels carried so far in
 #                                        /tmp/moshi-whl (survives while the machine stays warm)
 #   scripts/gpu_bench.sh run [STEPS]     device, call 2: reassemble, install into /tmp/site, run
-#                                        q4 then bf16 (STEPS timed frames each, default 20), and
-#                                        print a table; JSON results go to $OUT (or ./gpu_results)
+#                                        q4 then bf16, each with the serial and the pipelined
+#                                        engine and Mimi on the GPU and on the CPU (STEPS timed
+#                                        frames each, default 20), and print a table; JSON
+#                                        results go to $OUT (or ./gpu_results)
 #
 # Why two calls: mlx-cuda-13 0.32.4 is a 90 MB wheel (its kernels are already compressed, xz
 # only gets it to 75 MB) and one call carries at most 64 MiB, working tree included.
 # BENCH_ARGS adds flags to every bench (e.g. BENCH_ARGS="--no-mimi"); RUNS picks the runs
-# (default "q4 bf16").
+# (default "q4 bf16"), ENGINES the engines ("serial pipelined"), MIMI_DEVICES where Mimi runs
+# ("gpu cpu").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MLX=0.32.4 MLX_LM=0.32.2 CUDART=13.0.96
@@ -154,16 +157,21 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 declare -A FLAGS=([q4]="-q 4" [q8]="-q 8" [bf16]="")
 for run in ${RUNS:-q4 bf16}; do
   [ -n "${FLAGS[$run]+set}" ] || { echo "gpu_bench: unknown run $run (q4, q8, bf16)" >&2; continue; }
-  echo "== 7B random weights, $run, $STEPS frames after 3"
-  # From $PKG: the repository's own moshi_mlx/ (without app/) must not come first on sys.path.
-  # The bench's own entry point: the dispatcher would also import convert (all of mlx_lm).
-  # shellcheck disable=SC2086
-  if (cd $PKG && python3 -m moshi_mlx.app.bench --config moshiko-7b --random-weights ${FLAGS[$run]} \
-      --steps "$STEPS" --warmup 3 --json ${BENCH_ARGS:-} > "$OUT/7b_$run.json" 2> "$OUT/7b_$run.err"); then
-    echo "   done"
-  else
-    echo "   FAILED:"; tail -5 "$OUT/7b_$run.err"
-  fi
+  for engine in ${ENGINES:-serial pipelined}; do
+    for mimi in ${MIMI_DEVICES:-gpu cpu}; do
+      name="${run}_${engine}_mimi-$mimi"
+      echo "== 7B random weights, $name, $STEPS frames after 3"
+      # From $PKG: the repository's own moshi_mlx/ (without app/) must not come first on sys.path.
+      # shellcheck disable=SC2086
+      if (cd $PKG && python3 -m moshi_mlx.app bench --config moshiko-7b --random-weights \
+          ${FLAGS[$run]} --engine "$engine" --mimi-device "$mimi" --steps "$STEPS" --warmup 3 \
+          --json ${BENCH_ARGS:-} > "$OUT/7b_$name.json" 2> "$OUT/7b_$name.err"); then
+        echo "   done"
+      else
+        echo "   FAILED:"; tail -5 "$OUT/7b_$name.err"
+      fi
+    done
+  done
 done
 
 python3 - "$OUT" <<'EOF'
@@ -175,8 +183,9 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("7b_*.json")):
     except json.JSONDecodeError:
         continue
     rows.append((path.stem[3:], r))
-keys = ["frame_ms_p50", "frame_ms_p95", "lm_step_ms_p50", "temporal_ms_p50", "depth_ms_p50",
-        "mimi_ms_p50", "rtf", "peak_memory_gb", "build_s"]
+keys = ["frame_interval_ms_p50", "frame_interval_ms_p95", "frame_latency_ms_p50", "lm_step_ms_p50",
+        "temporal_ms_p50", "depth_ms_p50", "mimi_ms_p50", "rtf", "peak_memory_gb",
+        "peak_memory_full_context_gb", "build_s"]
 print("| run | " + " | ".join(keys) + " |")
 print("|---" * (len(keys) + 1) + "|")
 for name, r in rows:
