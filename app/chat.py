@@ -447,6 +447,9 @@ class ComputeWorker(threading.Thread):
             d["block_roundtrip"].append(block.roundtrip)
             d["block_dropped"].append(decision == LagPolicy.DROP_MIC)
             d["block_waiting"].append(self.stage.waiting() + self.audio.speaker.qsize())
+            # every block as the microphone stage made it, computed or dropped
+            d["block_pcm_raw"].append(block.raw)
+            d["block_pcm_in"].append(block.pcm)
 
     def _publish(self) -> None:
         audio = self.audio
@@ -524,6 +527,8 @@ _DUMP_KEYS = (
     "block_roundtrip",
     "block_dropped",
     "block_waiting",
+    "block_pcm_raw",
+    "block_pcm_in",
     "step_block",
     "step_pcm_in",
     "step_pcm_raw",

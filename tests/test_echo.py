@@ -60,12 +60,14 @@ def converse(card, repo, folder, name, seconds, room_args, *chat_args):
 
 
 def timelines(d) -> dict[str, np.ndarray]:
-    """Block timelines of the raw microphone, what the model got and what the speaker played."""
+    """Block timelines of the raw microphone, what the canceller made of it for the model
+    (every block, also those the lag policy dropped on a busy machine) and what the speaker
+    played."""
     n = int(d["block_index"].max()) + 1
     out = {k: np.zeros(n * FRAME) for k in ("raw", "model", "played")}
-    for i, b in enumerate(d["step_block"]):
-        out["raw"][b * FRAME : (b + 1) * FRAME] = d["step_pcm_raw"][i]
-        out["model"][b * FRAME : (b + 1) * FRAME] = d["step_pcm_in"][i]
+    for i, b in enumerate(d["block_index"]):
+        out["raw"][b * FRAME : (b + 1) * FRAME] = d["block_pcm_raw"][i]
+        out["model"][b * FRAME : (b + 1) * FRAME] = d["block_pcm_in"][i]
     for b, s in zip(d["block_index"], d["block_played"], strict=True):
         if s >= 0:
             out["played"][b * FRAME : (b + 1) * FRAME] = d["step_pcm_out"][s]
@@ -143,7 +145,8 @@ def recovery_s(erle: np.ndarray, jump: int, target: float = 20.0, window: int = 
     """Seconds from block ``jump`` until the median ERLE over ``window`` frames first reaches
     ``target`` (``inf`` if not within 4 s)."""
     for b in range(jump, min(len(erle), jump + 50) - window + 1):
-        if np.nanmedian(erle[b : b + window]) >= target:
+        frames = erle[b : b + window]  # all NaN where the far end fell silent
+        if np.isfinite(frames).any() and np.nanmedian(frames) >= target:
             return (b + window - jump) * FRAME / SAMPLE_RATE
     return float("inf")
 
