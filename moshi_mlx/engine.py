@@ -198,8 +198,7 @@ class PipelinedEngine:
         """One frame of user audio (``[1920]`` float32, 24 kHz) -> the answers finished now:
         ``[answer to the previous frame]``, or ``[]`` after the first frame."""
         self._check_open()
-        if np.size(pcm) != self.session.frame_size:
-            raise MoshiError(f"a frame is {self.session.frame_size} samples, got {np.size(pcm)}")
+        self.session.check_pcm(pcm)  # a bad argument leaves the engine running
         try:
             with self._mimi_pieces():
                 user = np.array(self.session.encode(pcm))  # overlaps the LM's previous step

@@ -49,10 +49,17 @@ class DuplexSession:
         self.gen.reset()
         self.frames = 0
 
+    def check_pcm(self, pcm) -> None:
+        """``pcm`` must be one frame of audio: a float numpy array of 1920 samples."""
+        if not isinstance(pcm, np.ndarray) or pcm.dtype.kind != "f" or pcm.size != self.frame_size:
+            raise MoshiError(
+                f"`pcm` must be a float numpy array of {self.frame_size} samples, got "
+                f"{getattr(pcm, 'shape', type(pcm).__name__)}"
+            )
+
     def encode(self, pcm: np.ndarray) -> mx.array:
         """One frame of user audio ``[1920]`` -> the user's codes ``[1, n_user]`` (lazy)."""
-        if np.size(pcm) != self.frame_size:
-            raise MoshiError(f"a frame is {self.frame_size} samples, got {np.size(pcm)}")
+        self.check_pcm(pcm)
         x = mx.array(np.asarray(pcm, dtype=np.float32).reshape(1, 1, self.frame_size))
         with mx.stream(self.mimi_device):
             return self.mimi.encode_step(x)[:, : self.n_user, 0]
@@ -64,13 +71,8 @@ class DuplexSession:
 
     def step(self, pcm: np.ndarray) -> FrameResult:
         """Process one frame of user audio (``[1920]`` float32 at 24 kHz)."""
-        if not isinstance(pcm, np.ndarray) or pcm.dtype.kind != "f" or pcm.size != self.frame_size:
-            raise MoshiError(
-                f"`pcm` must be a float numpy array of {self.frame_size} samples, got "
-                f"{getattr(pcm, 'shape', type(pcm).__name__)}"
-            )
+        user = self.encode(pcm)  # checks ``pcm`` first
         index, self.frames = self.frames, self.frames + 1
-        user = self.encode(pcm)
         # Codes from Mimi are valid by construction: no host check, one evaluation per frame.
         out = self.gen.step(user, check=False)
         if out is None:

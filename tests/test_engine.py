@@ -74,6 +74,20 @@ def test_pipelined_answers_equal_serial_answers(models, frames, sampling):
     assert_same(serial, pipelined)
 
 
+@pytest.mark.parametrize("kind", ["serial", "pipelined"])
+def test_a_bad_frame_is_refused_and_the_engine_goes_on(models, frames, kind):
+    lm, mimi = models
+    expected, _ = answers(models, "serial", frames)
+    with make_engine(kind, lm, mimi, moshi_mlx.LmGen(lm, seed=3)) as engine:
+        for bad, words in ((list(frames[0]), "got list"), (frames[0][:100], "got (100,)"),
+                           (frames[0].astype(np.int16), "float numpy array")):  # fmt: skip
+            with pytest.raises(MoshiError, match="`pcm` must be a float numpy array") as e:
+                engine.push(bad)
+            assert words in str(e.value)
+        got, _ = run(engine, frames)
+    assert_same(expected, got)
+
+
 @pytest.mark.parametrize("dtype, bits", [(mx.bfloat16, None), (mx.bfloat16, 4), (mx.float16, 8)])
 def test_pipelined_equals_serial_in_low_precision(models, frames, dtype, bits):
     # On CPU the LM thread runs the depformer uncompiled, in pieces: still the same bits.
