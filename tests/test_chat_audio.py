@@ -78,17 +78,17 @@ def onset(x: np.ndarray, threshold: float = 0.0) -> int:
     return int(np.flatnonzero(np.abs(x) > threshold)[0])
 
 
-def near_match(pcm: np.ndarray, channel: np.ndarray, at: int, search: int = 480):
+def near_match(pcm: np.ndarray, channel: np.ndarray, at: int, search: int = SAMPLE_RATE // 2):
     """Where within ``search`` samples of ``at`` the frame ``pcm`` best matches ``channel``,
-    and the correlation there (for resampled audio, which is close but not bit-exact)."""
+    and the correlation there (for resampled audio, which is close but not bit-exact). The
+    window is wide for the reason ``find_frames`` gives: on a loaded machine PulseAudio
+    inserts silence into a stream that runs dry, which moves every later frame."""
     lo = max(0, at - search)
     seg = channel[lo : at + search + FRAME]
     if len(seg) < FRAME or not np.any(pcm):
         return at, 0.0
-    scores = np.correlate(seg, pcm, "valid")
-    k = int(np.argmax(scores))
-    match = seg[k : k + FRAME]
-    return lo + k, float(np.corrcoef(match, pcm)[0, 1]) if np.any(match) else 0.0
+    lag, corr = locate(pcm, seg)
+    return lo + lag, corr
 
 
 def find_frames(
