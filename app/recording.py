@@ -68,18 +68,30 @@ def _clock(t: float) -> str:
     return f"{int(minutes):02d}:{seconds:06.3f}"
 
 
+SETTLE = 12  # blocks (0.96 s) held before the speaker channel's offset is fixed
+
+
+def settled_latency(latencies: list[float]) -> float:
+    """The stream's latency from the first callbacks' ``dac - adc`` (seconds): the median of
+    their later half, since PortAudio's first reports, made while the streams start, can be
+    off (measured on PulseAudio under load: 237 ms for six callbacks, then 299 ms)."""
+    if not latencies:
+        return 0.0
+    return float(np.median(latencies[len(latencies) // 2 :]))
+
+
 class Recorder:
     """Writes callback block ``i`` of the stream at sample ``i * 1920`` of the recording.
 
     The speaker channel is shifted later by ``offset`` samples: the stream's input plus output
-    latency (``dac - adc`` of a callback, the median over the first ``settle`` blocks since
-    the very first callbacks can be off), so that the right channel shows Moshi's audio when
-    it was heard relative to when the microphone heard the user. With ``cleaned``, a third
-    channel holds the cleaned microphone. Thread-safe.
+    latency (a callback's ``dac - adc``, as ``settled_latency`` takes it from the first
+    ``settle`` blocks, which are held until then), so that the right channel shows Moshi's
+    audio when it was heard relative to when the microphone heard the user. With
+    ``cleaned``, a third channel holds the cleaned microphone. Thread-safe.
     """
 
     def __init__(
-        self, path: str | Path, settle: int = 8, cleaned: bool = False, force: bool = False
+        self, path: str | Path, settle: int = SETTLE, cleaned: bool = False, force: bool = False
     ):
         self.path = Path(path)
         self.transcript_path = transcript_path(self.path)
@@ -125,7 +137,7 @@ class Recorder:
             self._block(index, mic, speaker, clean)
 
     def _settle(self) -> None:
-        latency = float(np.median([b[3] for b in self._early])) if self._early else 0.0
+        latency = settled_latency([b[3] for b in self._early])
         self.offset = max(0, int(round(latency * SAMPLE_RATE)))
         self._pending_right = np.zeros(self.offset, np.float32)
         for index, mic, speaker, _, clean in self._early:

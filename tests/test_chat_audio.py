@@ -26,6 +26,7 @@ from conftest import moshi_mlx_cmd, run_python, tmpfs
 import moshi_mlx
 from moshi_mlx import Sampling
 from moshi_mlx.app.loop import FRAME, SAMPLE_RATE, FrameDriver
+from moshi_mlx.app.recording import SETTLE, settled_latency
 from moshi_mlx.app.wavio import read_wav, write_wav
 
 
@@ -247,7 +248,7 @@ def test_chat_loopback_mic_reaches_the_model_and_its_frames_reach_the_speaker(
     for b in d["step_block"]:
         taken[b * FRAME : (b + 1) * FRAME] = True
     assert np.abs(rec[:n, 0] - model_in)[taken].max() < 2 / 32767
-    rec_offset = int(round(np.median(d["block_device_latency"][:8]) * SAMPLE_RATE))
+    rec_offset = int(round(settled_latency(list(d["block_roundtrip"][:SETTLE])) * SAMPLE_RATE))
     assert np.abs(rec[rec_offset : rec_offset + n, 1] - played).max() < 2 / 32767
     assert np.all(rec[:rec_offset, 1] == 0)
     bus_offset = bus_match["speaker_at"] - bus_match["mic_at"]
@@ -467,7 +468,7 @@ def test_chat_through_devices_at_other_rates_and_channels(card, model_dir, tmp_p
 
     rec, rate = read_wav(tmp_path / "talk.wav")
     # the stream's latency plus the resamplers' delays, where the app puts Moshi's channel
-    rec_offset = int(round(np.median(d["block_roundtrip"][:8]) * SAMPLE_RATE))
+    rec_offset = int(round(settled_latency(list(d["block_roundtrip"][:SETTLE])) * SAMPLE_RATE))
     rec_lag, rec_corr = locate(played[: 30 * FRAME], rec[:, 1])
     assert rec_corr > 0.98 and abs(rec_lag - rec_offset) < 2, (rec_lag, rec_offset, rec_corr)
     offset_error_ms = (rec_offset - (np.median([at - b * FRAME for b, at in good.items()][:8])
