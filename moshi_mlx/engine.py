@@ -150,6 +150,7 @@ class PipelinedEngine:
         self._jobs: queue.Queue = queue.Queue()
         self._done: queue.Queue = queue.Queue()
         self._stop = threading.Event()
+        self._ended = threading.Event()  # set by the LM thread as its very last act
         self._pending: deque[tuple[int, np.ndarray]] = deque()  # LM steps in flight
         self._frames = 0
         self._closed = False
@@ -173,6 +174,7 @@ class PipelinedEngine:
                         return
         finally:
             finish_thread()
+            self._ended.set()
 
     def _call(self, job: Callable[[LmGen], object]) -> None:
         self._jobs.put(job)
@@ -265,12 +267,17 @@ class PipelinedEngine:
             raise
 
     def close(self) -> None:
-        """Stop the LM thread (after its current step) and wait for it. Idempotent."""
+        """Stop the LM thread (after its current step) and wait for it. Idempotent; if a
+        Ctrl-C interrupts the wait, the next ``close`` waits again."""
         self._closed = True
         self._stop.set()
         self._jobs.put(None)
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
+        if self._thread is not threading.current_thread():
+            # Not Thread.join: on Python 3.11 a KeyboardInterrupt during join marks a thread
+            # that still runs as ended, and a process that then exits with the LM thread
+            # inside MLX aborts (seen with two quick Ctrl-C's on `run`).
+            self._ended.wait()
+            self._thread.join()  # at once now: only the thread's exit is left
         self._pending.clear()
 
     def __enter__(self):

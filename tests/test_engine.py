@@ -3,7 +3,9 @@ later at most, and stops cleanly (both threads, error reported once) whatever fa
 
 from __future__ import annotations
 
+import signal
 import threading
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -246,3 +248,45 @@ def test_many_start_stop_cycles_never_crash(run_number):
     result = run_python(_CYCLES, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "done"
+
+
+def test_close_interrupted_by_ctrl_c_waits_for_the_lm_thread_the_next_time(models):
+    """Two quick Ctrl-C's: one stops the wait for an answer, the next the wait in ``close``.
+    The next ``close`` must still wait until the LM thread has really ended (on Python 3.11
+    an interrupted ``Thread.join`` marks a running thread as ended, and a process that left
+    with the LM thread inside MLX aborted)."""
+    lm, mimi = models
+    engine = PipelinedEngine(lm, mimi, moshi_mlx.LmGen(lm))
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def slow(gen):
+        started.set()
+        release.wait(30)
+        finished.set()
+
+    def ctrl_c_twice():
+        main = threading.main_thread().ident
+        started.wait(30)
+        time.sleep(0.1)  # the main thread waits for slow's answer
+        signal.pthread_kill(main, signal.SIGINT)
+        while not engine._closed:
+            time.sleep(0.01)
+        time.sleep(0.1)  # the main thread waits in close(), slow still running
+        signal.pthread_kill(main, signal.SIGINT)
+        time.sleep(0.3)
+        release.set()
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    helper = threading.Thread(target=ctrl_c_twice)
+    try:
+        helper.start()
+        with pytest.raises(KeyboardInterrupt):
+            engine.lm_call(slow)
+        assert not finished.is_set()  # both Ctrl-C's came while slow ran
+        engine.close()
+        assert finished.is_set() and not lm_threads()
+    finally:
+        release.set()
+        helper.join()
+        signal.signal(signal.SIGINT, previous)
+        engine.close()
