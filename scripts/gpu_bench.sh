@@ -76,6 +76,8 @@ fi
 STEPS=${2:-20}
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+# Stderr aside: the device tool brings back at most 8 files from $OUT, one JSON per run.
+ERRS=/tmp/gpu-bench-err && rm -rf $ERRS && mkdir -p $ERRS
 stash
 
 # -- install: MLX, mlx-lm and this tree, without pip's resolver or the network ---------------
@@ -135,8 +137,8 @@ echo "CUDA_HOME=${CUDA_HOME:-unset}"
 
 # mlx_lm's __init__ imports transformers; if the machine's copy is too old for it, use only the
 # two mlx-lm modules the library needs (sampling and KV caches), which depend on MLX alone.
-if ! python3 -c "import mlx_lm.sample_utils, mlx_lm.models.cache" 2> "$OUT/mlx_lm_import.txt"; then
-  echo "gpu_bench: full mlx_lm does not import here ($(tail -1 "$OUT/mlx_lm_import.txt")); using its sampling and cache modules alone"
+if ! python3 -c "import mlx_lm.sample_utils, mlx_lm.models.cache" 2> "$ERRS/mlx_lm_import.txt"; then
+  echo "gpu_bench: full mlx_lm does not import here ($(tail -1 "$ERRS/mlx_lm_import.txt")); using its sampling and cache modules alone"
   shim=/tmp/mlx-lm-shim/mlx_lm
   rm -rf /tmp/mlx-lm-shim && mkdir -p $shim/models
   echo "__version__ = '$MLX_LM'" > $shim/__init__.py
@@ -165,10 +167,10 @@ for run in ${RUNS:-q4 bf16}; do
       # shellcheck disable=SC2086
       if (cd $PKG && python3 -m moshi_mlx.app bench --config moshiko-7b --random-weights \
           ${FLAGS[$run]} --engine "$engine" --mimi-device "$mimi" --steps "$STEPS" --warmup 3 \
-          --json ${BENCH_ARGS:-} > "$OUT/7b_$name.json" 2> "$OUT/7b_$name.err"); then
+          --json ${BENCH_ARGS:-} > "$OUT/7b_$name.json" 2> "$ERRS/7b_$name.err"); then
         echo "   done"
       else
-        echo "   FAILED:"; tail -5 "$OUT/7b_$name.err"
+        echo "   FAILED:"; tail -5 "$ERRS/7b_$name.err"
       fi
     done
   done
