@@ -104,12 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drr-db", type=float, default=6.0)
     p.add_argument("--attenuation-db", type=float, default=10.0)
     p.add_argument("--near", help="near-end speech, raw float32 at 24 kHz")
-    # Times count from the far end's first sound, not from the room's start: the overlap of
-    # the near end with the far end's speech is then the same however late a busy machine
-    # starts the room.
-    since = "seconds from the far end's first sound"
-    p.add_argument("--near-at", type=float, nargs="*", default=[], help=since)
-    p.add_argument("--jump-at", type=float, help=f"{since}: the delay jumps")
+    p.add_argument("--near-at", type=float, nargs="*", default=[], help="seconds from start")
+    p.add_argument("--jump-at", type=float, help="seconds from start: the delay jumps")
     p.add_argument("--jump-ms", type=float, default=50.0)
     p.add_argument("--latency-ms", type=int, default=150, help="output buffering")
     args = p.parse_args(argv)
@@ -132,7 +128,6 @@ def main(argv: list[str] | None = None) -> int:
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, lambda *_: stop.append(1))
     n = 0  # room samples so far
-    origin = None  # the room sample where the far end was first heard
     try:
         print("room ready", flush=True)
         while not stop:
@@ -140,16 +135,12 @@ def main(argv: list[str] | None = None) -> int:
             if not raw:
                 break
             x = np.frombuffer(raw, "<f4").astype(np.float64)
-            if origin is None and np.any(x):
-                origin = n + int(np.flatnonzero(x)[0])
-                starts = [origin + s for s in starts]
-                jump = None if jump is None else origin + jump
-            if origin is not None and jump is not None and n >= jump:
+            if jump is not None and n >= jump:
                 conv.set(echo_path(args.delay_ms + args.jump_ms, **shape))
                 print(f"room jump {n}", flush=True)
                 jump = None
             y = conv(x)
-            for s in starts if origin is not None else []:  # near end overlapping this chunk
+            for s in starts:  # near-end speech overlapping this chunk
                 a, b = max(n, s), min(n + len(x), s + len(near))
                 if a < b:
                     y[a - n : b - n] += near[a - s : b - s]

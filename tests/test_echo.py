@@ -43,18 +43,18 @@ def signals(tmp_path_factory):
 def converse(card, repo, folder, name, seconds, room_args, *chat_args):
     """Chat on the fixture model while the room runs; returns the dump and the summary."""
     dump = folder / f"{name}.npz"
-    room = Room(card, *ROOM, *room_args)  # first: its clock starts with the far end's sound
+    chat = Chat(card, "--hf-path", repo, "--dtype", "float32", "--seed", 5, "--debug-dump", dump,
+                "--status-every", 1, *chat_args)  # fmt: skip
+    room = None
     try:
-        chat = Chat(card, "--hf-path", repo, "--dtype", "float32", "--seed", 5, "--debug-dump",
-                    dump, "--status-every", 1, *chat_args)  # fmt: skip
-        try:
-            chat.wait_for("speak now")
-            time.sleep(seconds)
-            rc = chat.interrupt()
-        finally:
-            chat.kill()
+        chat.wait_for("speak now")
+        room = Room(card, *ROOM, *room_args)
+        time.sleep(seconds)
+        rc = chat.interrupt()
     finally:
-        room.stop()
+        chat.kill()
+        if room is not None:
+            room.stop()
     assert rc == 0, (chat.out, chat.err)
     return np.load(dump), chat.summary()
 
