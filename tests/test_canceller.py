@@ -54,6 +54,29 @@ def test_canceller_needs_the_stream_latency_beyond_aec3s_reach():
     assert frame_erle(echo, told) > 25 > frame_erle(echo, untold) + 10
 
 
+def test_canceller_holds_its_delay_line_while_the_latency_wanders_and_follows_a_jump():
+    """PortAudio's latency figure wanders around a path that does not move (down 1 ms every 3
+    callbacks for 11 ms, then back): the far end stays put, so AEC3 keeps its filter. Then the
+    output's latency really grows by 1.4 s (as it did once on PulseAudio under load): the far
+    end follows, and the echo is cancelled again."""
+    far = synthetic_speech(16.0, seed=3)
+    jump, late = 80, round(1.4 * SAMPLE_RATE)
+    echo = np.convolve(far, echo_path(450.0))[: len(far)]
+    echo[jump * FRAME :] = np.concatenate([np.zeros(late), echo])[jump * FRAME : len(far)]
+    echo = echo.astype(np.float32)
+    aec, delays, out = EchoCanceller(), [], []
+    for i in range(len(far) // FRAME):
+        latency_s = 0.3 - 0.001 * ((i // 3) % 12) + (1.4 if i >= jump else 0.0)
+        out.append(aec.process(echo[i * FRAME : (i + 1) * FRAME], far[i * FRAME : (i + 1) * FRAME],
+                               latency_s))  # fmt: skip
+        delays.append(aec.delay)
+    out = np.concatenate(out)
+    assert len(set(delays[:jump])) == 1
+    assert frame_erle(echo[: jump * FRAME], out[: jump * FRAME]) > 40
+    assert delays[-1] - delays[0] == pytest.approx(late, abs=0.012 * SAMPLE_RATE)
+    assert frame_erle(echo[(jump + 38) * FRAME :], out[(jump + 38) * FRAME : len(echo)]) > 25
+
+
 def test_canceller_lets_the_near_end_through_without_far_end():
     near = synthetic_speech(3.0, seed=9, f0=210.0)
     out, erle = cancel(np.zeros_like(near), near, 0.1)
