@@ -6,9 +6,13 @@ path (a delay, a direct sound, a decaying reverberation tail, an attenuation) an
 result, plus near-end speech at chosen times, into ``micfeed``, which the app's microphone
 hears. Its own input and output buffering add to the echo delay (the tests measure the total).
 
-    python tests/room.py --delay-ms 150 --near near.f32 --near-at 7 --jump-at 11
+    python tests/room.py --delay-ms 150 --near near.f32 --near-at 7 --jump-at 11 --far far.f32
 
-runs until SIGINT or SIGTERM. ``synthetic_speech`` is the one speech-like signal of the tests.
+runs until SIGINT or SIGTERM. Times count from the room's start, or with ``--far`` (the signal
+the app plays) from the far end's first sample as the room hears it, found by matching what
+it hears against that signal: the near end then always overlaps the same far-end speech,
+however late the room started on a busy machine. ``synthetic_speech`` is the one speech-like
+signal of the tests.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ import numpy as np
 
 RATE = 24000
 CHUNK = 480  # 20 ms
+LOCK = RATE // 2  # heard samples matched against the far end to set the clock
+# the far end's first seconds, where the room starts hearing it: a short search, because a
+# stall longer than the output buffered so far would lengthen the echo path
+LOCK_REACH = 4 * RATE
 
 
 def synthetic_speech(
@@ -76,6 +84,31 @@ def echo_path(
     return h * 10 ** (-attenuation_db / 20) / np.sqrt(np.sum(h**2))
 
 
+class FarClock:
+    """Where the room is in the far end: feed it every heard chunk until it returns the room
+    sample at which the far end's first sample was heard."""
+
+    def __init__(self, far: np.ndarray):
+        self.n = 1 << int(np.ceil(np.log2(LOCK_REACH + LOCK)))
+        self.far = far[:LOCK_REACH]
+        self.spectrum = np.fft.rfft(self.far, self.n)
+        self.heard = np.zeros(0)
+
+    def __call__(self, x: np.ndarray, n: int) -> int | None:
+        """``x``: the heard chunk that starts at room sample ``n``."""
+        self.heard = np.concatenate([self.heard, x])
+        if len(self.heard) < LOCK:
+            return None
+        heard, self.heard = self.heard[-LOCK:], np.zeros(0)  # one try per LOCK samples
+        if np.mean(heard**2) < 1e-4:  # a pause matches nothing
+            return None
+        c = np.fft.irfft(self.spectrum * np.conj(np.fft.rfft(heard, self.n)), self.n)
+        at = int(np.argmax(c[: len(self.far) - LOCK]))
+        if np.corrcoef(self.far[at : at + LOCK], heard)[0, 1] < 0.9:
+            return None
+        return n + len(x) - LOCK - at
+
+
 class Convolver:
     """Streaming convolution (overlap-save with FFTs) whose impulse response can change."""
 
@@ -106,24 +139,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--near", help="near-end speech, raw float32 at 24 kHz")
     p.add_argument("--near-at", type=float, nargs="*", default=[], help="seconds from start")
     p.add_argument("--jump-at", type=float, help="seconds from start: the delay jumps")
+    p.add_argument("--far", help="the far end, raw float32 at 24 kHz: start at its first sample")
     p.add_argument("--jump-ms", type=float, default=50.0)
     p.add_argument("--latency-ms", type=int, default=150, help="output buffering")
     args = p.parse_args(argv)
 
     near = np.fromfile(args.near, "<f4").astype(np.float64) if args.near else np.zeros(0)
-    starts = [round(s * RATE) for s in args.near_at]
+    clock = FarClock(np.fromfile(args.far, "<f4").astype(np.float64)) if args.far else None
+
+    def schedule(origin: int) -> tuple[list[int], int | None]:
+        """The near end's start samples and the jump's, from the start's room sample."""
+        at = [origin + round(s * RATE) for s in args.near_at]
+        return at, None if args.jump_at is None else origin + round(args.jump_at * RATE)
+
+    starts, jump = ([], None) if clock else schedule(0)
     shape = dict(tail_ms=args.tail_ms, drr_db=args.drr_db, attenuation_db=args.attenuation_db)
     conv = Convolver(echo_path(args.delay_ms, **shape))
-    jump = None if args.jump_at is None else round(args.jump_at * RATE)
     fmt = ["--raw", "--format=float32le", f"--rate={RATE}", "--channels=1"]
     listen = ["parecord", *fmt, "-d", "speaker.monitor", "--latency-msec=20"]
     speak = ["pacat", "--playback", *fmt, "-d", "micfeed", f"--latency-msec={args.latency_ms}"]
-    rec = subprocess.Popen(listen, stdout=subprocess.PIPE)
-    play = subprocess.Popen(speak, stdin=subprocess.PIPE)
-    try:  # a stall longer than the output buffer would shift the echo path
-        os.nice(-10)
+    try:  # a stall longer than the output buffer would shift the echo path (and the clients
+        os.nice(-10)  # that move the room's sound inherit the priority)
     except OSError:
         pass
+    rec = subprocess.Popen(listen, stdout=subprocess.PIPE)
+    play = subprocess.Popen(speak, stdin=subprocess.PIPE)
     stop = []
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, lambda *_: stop.append(1))
@@ -135,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
             if not raw:
                 break
             x = np.frombuffer(raw, "<f4").astype(np.float64)
+            if clock is not None and (origin := clock(x, n)) is not None:
+                print(f"room clock {origin}", flush=True)
+                clock = None
+                starts, jump = schedule(origin)
+                if min([*starts, n if jump is None else jump]) < n:
+                    print("room late: an event's time passed before the clock was set")
+                    return 1
             if jump is not None and n >= jump:
                 conv.set(echo_path(args.delay_ms + args.jump_ms, **shape))
                 print(f"room jump {n}", flush=True)

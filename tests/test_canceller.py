@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from room import Convolver, echo_path, synthetic_speech
+from room import CHUNK, Convolver, FarClock, echo_path, synthetic_speech
 
 from moshi_mlx.app.audio import Conversion, Format, choose_format
 from moshi_mlx.app.echo import EchoCanceller
@@ -176,3 +176,25 @@ def test_room_convolver_streams_like_a_batch_convolution():
     conv = Convolver(h)
     y = np.concatenate([conv(x[i : i + 480]) for i in range(0, len(x), 480)])
     np.testing.assert_allclose(y, np.convolve(x, h)[: len(x)], atol=1e-9)
+
+
+@pytest.mark.parametrize("late_s", [-0.3, 0.0, 1.7])
+def test_room_far_clock_finds_the_far_ends_start_in_what_it_hears(late_s):
+    """The room started ``late_s`` after the far end (before it when negative: it hears
+    silence first); the clock gives the room sample of the far end's first sample."""
+    far = synthetic_speech(8.0, seed=3)
+    shift = round(late_s * SAMPLE_RATE)
+    heard = far[shift:] if shift >= 0 else np.concatenate([np.zeros(-shift), far])
+    clock = FarClock(far.astype(np.float64))
+    origin = next(
+        o
+        for n in range(0, len(heard) - CHUNK, CHUNK)
+        if (o := clock(heard[n : n + CHUNK].astype(np.float64), n)) is not None
+    )
+    assert origin == -shift
+
+
+def test_room_far_clock_never_sets_on_another_signal():
+    clock = FarClock(synthetic_speech(8.0, seed=3).astype(np.float64))
+    other = synthetic_speech(4.0, seed=4).astype(np.float64)
+    assert all(clock(other[n : n + CHUNK], n) is None for n in range(0, len(other), CHUNK))
