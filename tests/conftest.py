@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,11 @@ FULL_SIZE_KEYS = FIXTURES / "full_size_keys"
 # (which a plain `python -m moshi_mlx.app` from the repository root would import instead of
 # the installed package).
 MOSHI_MLX = Path(sys.executable).with_name("moshi-mlx")
+
+# A suite started in the background (`nohup pytest &` from a script) inherits SIGINT ignored,
+# and so would every command it starts, which then cannot be interrupted as the Ctrl-C tests
+# do it: the commands start with SIGINT as a terminal gives it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def moshi_mlx_cmd(*args, **kwargs) -> subprocess.CompletedProcess:
