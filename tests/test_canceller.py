@@ -74,7 +74,7 @@ def test_canceller_holds_its_delay_line_while_the_latency_wanders_and_follows_a_
     assert len(set(delays[:jump])) == 1
     assert frame_erle(echo[: jump * FRAME], out[: jump * FRAME]) > 40
     assert delays[-1] - delays[0] == pytest.approx(late, abs=0.012 * SAMPLE_RATE)
-    assert frame_erle(echo[(jump + 38) * FRAME :], out[(jump + 38) * FRAME : len(echo)]) > 25
+    assert frame_erle(echo[(jump + 38) * FRAME :], out[(jump + 38) * FRAME :]) > 25
 
 
 def test_canceller_lets_the_near_end_through_without_far_end():
