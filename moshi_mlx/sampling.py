@@ -77,7 +77,7 @@ def token_sampler(temp: float, top_k: int, top_p: float, vocab: int) -> TokenSam
     """``sample(logits [B, vocab], key) -> [B]``: draw from ``softmax(logits / temp)``
     restricted by top-p then top-k (0 = off; a top-k of the whole vocabulary is no filter);
     temperature 0 is argmax. Randomness comes only from ``key``."""
-    from mlx_lm.sample_utils import apply_top_k, apply_top_p
+    from .mlx_lm_parts import apply_top_k, apply_top_p
 
     if temp == 0:
         return lambda logits, key: mx.argmax(logits, axis=-1)
