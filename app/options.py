@@ -201,16 +201,17 @@ def load_model(
 ):
     """``(lm, mimi, tokenizer)`` for the model flags (``moshi_mlx.load``); call it on the
     thread that will run the model. ``report`` receives one-line progress messages."""
-    import moshi_mlx
     from moshi_mlx import hub
-    from moshi_mlx.engine import mimi_device
-    from moshi_mlx.quantize import quantize_report
 
     name, quantization = model_choice(args)
     start = time.perf_counter()
-    report(f"loading {name}")
+    report(f"loading {name}")  # said before MLX and the model's code are imported
     if hub.local_folder(name) is None:
         report(f"fetching {name} from the Hugging Face Hub (cached after the first run)")
+    import moshi_mlx
+    from moshi_mlx.engine import mimi_device
+    from moshi_mlx.quantize import quantize_report
+
     # Commands without --mimi-device keep Mimi on MLX's default device.
     device = mimi_device(args.mimi_device) if hasattr(args, "mimi_device") else None
     model = moshi_mlx.load(
