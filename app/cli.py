@@ -4,10 +4,15 @@ Each subcommand lives in its own module exposing ``HELP`` (its description),
 ``add_arguments(parser)`` and ``main(args) -> int``; nothing heavy (MLX, the models, the hub,
 sound) is imported until a command runs, so ``--help`` and flag errors answer at once.
 
+A bare command (``moshi-mlx``, ``moshi-mlx persona``) prints its help. Flag mistakes are one
+line, exit code 1, naming the (sub)command's help; a mistyped flag, command or choice gets a
+"did you mean".
+
 Errors: a ``MoshiError`` (the library's user-facing error) is printed as one line, the API's
-argument names in it (`mimi_weights`) replaced by this command's flags (--mimi-weights); so is
-an ``OSError`` about a file. Anything else is a bug: its traceback is printed, then a line
-saying so, and the exit code is 70.
+argument names in it (`mimi_weights`) replaced by the flags that set them (--mimi-weights, or
+``moshi-mlx convert --mimi-weights`` where this command has none); so is an ``OSError`` about a
+file, named as the user named it (never a writer's temporary). Anything else is a bug: its
+traceback is printed, then a line saying so, and the exit code is 70.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ SUBCOMMANDS = {
     "persona": ("moshi_mlx.app.persona", "prepare a voice prompt for PersonaPlex (persona save)"),
 }
 BUG_EXIT = 70  # sysexits' EX_SOFTWARE
+PROG = "moshi-mlx"
 
 
 def _version() -> str:
@@ -73,9 +79,6 @@ def _close(word: str, candidates: list[str]) -> str | None:
     """The candidate ``word`` most likely misspells, if any is close."""
     found = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
     return found[0] if found else None
-
-
-PROG = "moshi-mlx"
 
 
 def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
