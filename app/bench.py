@@ -21,6 +21,7 @@ from .options import (
     add_engine_arguments,
     add_quantization_arguments,
     add_sampling_arguments,
+    input_file,
 )
 
 HELP = "time the frame step (Mimi, temporal and depth transformers) on a model or random weights"
@@ -39,8 +40,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--config", help="with --random-weights: moshiko-7b (default), moshi-2b or an LM JSON"
     )
-    model.add_argument("--mimi-weights", help="Mimi safetensors (PyTorch or converted layout)")
-    model.add_argument("--mimi-config", help="Mimi config JSON for random or given Mimi weights")
+    model.add_argument(
+        "--mimi-weights", type=input_file, help="Mimi safetensors (PyTorch or converted layout)"
+    )
+    model.add_argument(
+        "--mimi-config", type=input_file, help="Mimi config JSON for random or given Mimi weights"
+    )
     model.add_argument("--no-mimi", action="store_true", help="time the LM only")
     model.add_argument("--no-lm", action="store_true", help="time Mimi only")
     model.add_argument("--num-codebooks", type=int, default=8, help="Mimi codebooks, --no-lm")

@@ -138,18 +138,21 @@ def _leave(code: int, message: str | None = None) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    # Flag and path mistakes first: they are answered before sound or MLX is imported.
+    sampling = None if args.list_devices else _check_args(args)
     try:
         with NativeStderrFilter():
             sd = import_sounddevice()
             if args.list_devices:
                 print(list_devices(sd))
                 return 0
-            return Chat(args, sd).run()
+            return Chat(args, sd, sampling).run()
     except _LeaveNow as e:
         _leave(*e.args)
 
 
-def _check_args(args: argparse.Namespace) -> None:
+def _check_args(args: argparse.Namespace):
+    """The ``Sampling`` of the flags, after checking every flag and path (nothing heavy)."""
     if not FRAME_S * 1000 <= args.max_lag_ms < math.inf:
         raise MoshiError(
             f"--max-lag-ms must be a finite number of ms, at least {FRAME_S * 1000:g} (a frame)"
@@ -168,38 +171,40 @@ def _check_args(args: argparse.Namespace) -> None:
             check_writable(path, args.force)
     if args.debug_dump:
         check_writable(args.debug_dump, force=True)
+    sampling = sampling_from_args(args)
+    model_choice(args)
+    check_persona_args(args)
+    return sampling
 
 
 class Chat:
-    def __init__(self, args: argparse.Namespace, sd):
-        self.args, self.sd = args, sd
+    def __init__(self, args: argparse.Namespace, sd, sampling):
+        self.args, self.sd, self.sampling = args, sd, sampling
         self.stop = threading.Event()
         self.screen = None
 
     def run(self) -> int:
         args = self.args
-        _check_args(args)
-        sampling = sampling_from_args(args)
-        model_choice(args)  # flag errors before the devices and the model
-        check_persona_args(args)
         devices = choose_devices(self.sd, args.input_device, args.output_device, args.debug_format)
         screen = self.screen = make_screen(status_every_s=args.status_every)
         fmt = "" if devices.format.rate == SAMPLE_RATE else f" (converted from {devices.format})"
         screen.info(f"microphone: {devices.input_name} | speakers: {devices.output_name}{fmt}")
         max_waiting = int(args.max_lag_ms // (FRAME_S * 1000))
-        worker = ComputeWorker(args, sampling, max_waiting)
+        worker = ComputeWorker(args, self.sampling, max_waiting)
         self._catch_signals()
         worker.start()
         audio = recorder = stage = None
         failure = None
+        early = False  # stopped while the model was loading: nothing to wait for or keep
         try:
             while not worker.ready.wait(0.1):
                 self._pump(worker)
                 if worker.error is not None:
                     raise worker.error
                 if self.stop.is_set():
+                    early = True
                     screen.info("stopped before the conversation started")
-                    raise _LeaveNow(0)  # the model thread may be deep inside a load
+                    raise _LeaveNow(130)
             self._pump(worker)
             audio = DuplexAudio(self.sd, devices, max_waiting, args.device_latency)
             canceller = None
@@ -225,8 +230,11 @@ class Chat:
             if stage is not None:
                 stage.halt.set()
                 stage.join(timeout=5)
-            worker.join(timeout=30)
-            self._pump(worker)
+            # A model thread still loading may be deep inside MLX or a download: never waited
+            # for (the process ends with os._exit); nothing it says comes after the stop.
+            if not early:
+                worker.join(timeout=30)
+                self._pump(worker)
             screen.close()
             if audio is not None:
                 self._finish(worker, audio, recorder)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import DTYPES, add_quantization_arguments
+from .options import DTYPES, add_quantization_arguments, input_file
 
 HELP = (
     "Convert Kyutai's Moshi checkpoints (PyTorch release or MLX repos, by repo id or folder) "
@@ -20,11 +20,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Hugging Face repo id (e.g. kyutai/moshiko-pytorch-bf16) or local folder with the "
         "upstream files; set HF_HUB_OFFLINE=1 to use only the local cache",
     )
-    src.add_argument("--moshi-weights", help="LM weights file (overrides --hf-path's)")
-    src.add_argument("--mimi-weights", help="Mimi codec weights file (overrides --hf-path's)")
-    src.add_argument("--tokenizer", help="SentencePiece text tokenizer (*.model)")
-    src.add_argument("--lm-config", help="LM config JSON, upstream format (default: Moshi 7B)")
-    src.add_argument("--mimi-config", help="Mimi config JSON, upstream nested format")
+    src.add_argument(
+        "--moshi-weights", type=input_file, help="LM weights file (overrides --hf-path's)"
+    )
+    src.add_argument(
+        "--mimi-weights", type=input_file, help="Mimi codec weights file (overrides --hf-path's)"
+    )
+    src.add_argument("--tokenizer", type=input_file, help="SentencePiece text tokenizer (*.model)")
+    src.add_argument(
+        "--lm-config", type=input_file, help="LM config JSON, upstream format (default: Moshi 7B)"
+    )
+    src.add_argument(
+        "--mimi-config", type=input_file, help="Mimi config JSON, upstream nested format"
+    )
     out = parser.add_argument_group("output")
     out.add_argument("--mlx-path", default="mlx_model", help="output folder (default: mlx_model)")
     add_quantization_arguments(out)

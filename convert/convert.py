@@ -22,7 +22,6 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from mlx_lm.utils import MAX_FILE_SIZE_GB, save_config
 
 from moshi_mlx.errors import MoshiWarning
 from moshi_mlx.loading import (
@@ -134,6 +133,21 @@ def _model_card(name: str, config: dict, source: dict) -> str:
     )
 
 
+# mlx-lm's shard size (``mlx_lm.utils.MAX_FILE_SIZE_GB``) and config layout (``save_config``),
+# written here: importing mlx_lm.utils imports transformers, seconds for a few lines (see
+# docs/startup.md).
+MAX_SHARD_GB = 5
+
+
+def config_json(config: dict) -> str:
+    """``config.json`` as mlx-lm's ``save_config`` writes it: keys sorted, indent 4, the
+    quantization also under ``quantization_config`` (where Hugging Face tools look)."""
+    config = dict(config)
+    if "quantization" in config:
+        config["quantization_config"] = config["quantization"]
+    return json.dumps(dict(sorted(config.items())), indent=4)
+
+
 def convert(
     hf_path: str | Path | None = None,
     mlx_path: str | Path = "mlx_model",
@@ -146,7 +160,7 @@ def convert(
     lm_config: str | Path | dict | None = None,
     mimi_config: str | Path | dict | None = None,
     force: bool = False,
-    max_shard_bytes: int = MAX_FILE_SIZE_GB << 30,
+    max_shard_bytes: int = MAX_SHARD_GB << 30,
     progress: Progress | None = None,
 ) -> ConversionResult:
     """Write a model folder at ``mlx_path`` that ``moshi_mlx.load`` reloads by itself.
@@ -229,7 +243,7 @@ def convert(
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=4))
         write_safetensors(tmp / MIMI_FILE, mimi, {"format": "mlx"}, tick, check_finite)
         shutil.copyfile(files.tokenizer, tmp / files.tokenizer.name)
-        save_config(dict(config), tmp / "config.json")
+        (tmp / "config.json").write_text(config_json(config))
         (tmp / "README.md").write_text(_model_card(out.name, config, source))
         move_into_place(tmp, out, force, inputs)
     except OSError as e:  # a full disk, a quota, a folder that went away: nothing is left

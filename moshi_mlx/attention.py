@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+
+from .mlx_lm_parts import create_attention_mask, scaled_dot_product_attention
 
 
 def attention_mask(x: mx.array, cache=None, window: int | None = None):

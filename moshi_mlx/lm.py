@@ -7,11 +7,11 @@ from dataclasses import asdict, dataclass, field, fields
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import ConcatenateKVCache, RotatingKVCache
 
 from .attention import SelfAttention, attention_mask, self_attention
 from .errors import MoshiError
 from .layers import MultiLinear, ZeroEmbedding
+from .mlx_lm_parts import ConcatenateKVCache, RotatingKVCache
 from .pieces import boundary
 from .validate import MAX_COUNT, MAX_DELAY, choice, flag, integer, integers, number
 

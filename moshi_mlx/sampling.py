@@ -6,12 +6,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-
-import mlx.core as mx
+from typing import TYPE_CHECKING
 
 from .errors import MoshiError
 
-TokenSampler = Callable[[mx.array, mx.array], mx.array]  # (logits [B, V], key) -> tokens [B]
+if TYPE_CHECKING:
+    import mlx.core as mx
+
+# (logits [B, V], key) -> tokens [B]. MLX is imported where samplers are built: the commands
+# check the sampling flags (``Sampling``) before anything heavy is imported.
+TokenSampler = Callable[["mx.array", "mx.array"], "mx.array"]
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,9 @@ def token_sampler(temp: float, top_k: int, top_p: float, vocab: int) -> TokenSam
     """``sample(logits [B, vocab], key) -> [B]``: draw from ``softmax(logits / temp)``
     restricted by top-p then top-k (0 = off; a top-k of the whole vocabulary is no filter);
     temperature 0 is argmax. Randomness comes only from ``key``."""
-    from mlx_lm.sample_utils import apply_top_k, apply_top_p
+    import mlx.core as mx
+
+    from .mlx_lm_parts import apply_top_k, apply_top_p
 
     if temp == 0:
         return lambda logits, key: mx.argmax(logits, axis=-1)

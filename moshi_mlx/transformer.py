@@ -7,11 +7,10 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_causal_mask
-from mlx_lm.models.cache import ConcatenateKVCache
 
 from .attention import SelfAttention, attention_mask
 from .conv import Linear
+from .mlx_lm_parts import ConcatenateKVCache, create_causal_mask
 from .pieces import boundary
 
 

@@ -8,6 +8,7 @@ import io
 import json
 import struct
 import wave
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -428,3 +429,86 @@ def test_run_bad_inputs_give_one_line(tmp_path, model_dir, capsys):
         assert err[-1].startswith("moshi-mlx run: error:") and words in err[-1], err
         assert not any("Traceback" in line for line in err)
     assert not (tmp_path / "o.wav").exists()
+
+
+# -- the command line ------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, words", [([], "chat"), (["persona"], "save")])
+def test_a_bare_command_prints_its_help(capsys, argv, words):
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: moshi-mlx{''.join(' ' + a for a in argv)} ") and words in out
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--verison"], "moshi-mlx: error: unrecognized arguments: --verison (did you mean "
+                    "--version?) (see moshi-mlx --help)"),
+    (["chat", "--hfpath", "x"], "(did you mean --hf-path?) (see moshi-mlx chat --help)"),
+    (["run", "in.wav", "out.wav", "--sed=3"], "--sed=3 (did you mean --seed?)"),
+    (["chta"], "moshi-mlx: error: unknown command 'chta' (did you mean `moshi-mlx chat`?)"),
+    (["persona", "voice.wav"], "unknown action 'voice.wav' (did you mean `moshi-mlx persona "
+                               "save voice.wav`?) (see moshi-mlx persona --help)"),
+    (["chat", "--engine", "piplined"], "did you mean pipelined? (see moshi-mlx chat --help)"),
+    (["persona", "save", "v.wav"], "required: -o/--output (see moshi-mlx persona save --help)"),
+])  # fmt: skip
+def test_mistyped_flags_and_commands_get_a_suggestion_and_the_subcommands_help(capsys, argv, words):
+    assert cli_main(argv) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and words in err, err
+
+
+def test_q_without_bits_talks_of_positional_arguments_only_where_there_are_some(capsys):
+    assert cli_main(["chat", "-q", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "takes 4 or 8 bits, got '3'" in err and "IN" not in err and "positional" not in err
+    assert cli_main(["run", "-q", "in.wav", "out.wav"]) == 1
+    assert "got 'in.wav' (put -q after IN and OUT, or use --q-bits)" in capsys.readouterr().err
+
+
+def test_q_help_says_what_quantization_does_on_the_cpu(capsys):
+    assert cli_main(["chat", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "on MLX's CPU backend (Linux) they run slower than bf16" in text
+
+
+def test_a_folder_given_for_a_file_is_called_a_folder(tmp_path, capsys):
+    write_wav(tmp_path / "in.wav", speech_like(0.1), 24000)
+    cases = [
+        ["convert", "--hf-path", str(tmp_path), "--mimi-weights", str(tmp_path)],
+        ["convert", "--hf-path", str(tmp_path), "--tokenizer", str(tmp_path)],
+        ["bench", "--no-lm", "--mimi-weights", str(tmp_path)],
+        ["run", str(tmp_path / "in.wav"), str(tmp_path / "o.wav"), "--voice-prompt", str(tmp_path)],
+    ]
+    for argv in cases:
+        assert cli_main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert f"{tmp_path} is a folder; give a file" in err and len(err.splitlines()) == 1, err
+
+
+def test_messages_name_flags_not_library_arguments(tmp_path, pytorch_repo, capsys):
+    """A folder without Mimi: `run` has no flag for it, so the message names convert's."""
+    folder = tmp_path / "no-mimi"
+    folder.mkdir()
+    for f in pytorch_repo.iterdir():
+        if not f.name.startswith("tokenizer-"):
+            (folder / f.name).write_bytes(f.read_bytes())
+    write_wav(tmp_path / "in.wav", speech_like(0.1), 24000)
+    run = ["run", str(tmp_path / "in.wav"), str(tmp_path / "o.wav")]
+    cases = [
+        (run, "give it with moshi-mlx convert --mimi-weights"),
+        (["convert", "--mlx-path", str(tmp_path / "out")], "give it with --mimi-weights"),
+    ]
+    for argv, words in cases:
+        assert cli_main([*argv, "--hf-path", str(folder)]) == 1
+        err = capsys.readouterr().err
+        assert "no Mimi codec weights found" in err and words in err, err
+        assert "mimi_weights" not in err
+
+
+def test_errors_never_name_a_writers_temporary(tmp_path, pytorch_repo, capsys):
+    """The conversion's temporary folder beside /proc/x cannot be made: the message names
+    the folder asked for."""
+    if not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    assert cli_main(["convert", "--hf-path", str(pytorch_repo), "--mlx-path", "/proc/x"]) == 1
+    err = capsys.readouterr().err
+    assert "/proc/x" in err and ".converting-" not in err and len(err.splitlines()) == 1, err
