@@ -33,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--random",
         choices=SIZES,
         help="no input: random weights of a small model and a tokenizer of its own, to try the "
-        "commands (tiny: LM 256 wide, a tiny Mimi, ~70 MB; medium: LM 1024 wide x 8 layers, "
-        "the released Mimi, ~0.9 GB)",
+        "commands (tiny: LM 256 wide, a tiny Mimi, ~120 MB; medium: LM 1024 wide x 8 layers, "
+        "the released Mimi, ~1 GB)",
     )
     src.add_argument("--seed", type=int, default=0, help="with --random: the weights' seed")
     out = parser.add_argument_group("output")

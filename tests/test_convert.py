@@ -457,12 +457,17 @@ def test_random_tiny_folder_loads_and_answers_a_wav(tiny_folder, tmp_path):
     wav = tmp_path / "in.wav"
     write_tone(wav, seconds=1.0)
     done = moshi_mlx_cmd("run", wav, tmp_path / "out.wav", "--hf-path", tiny_folder, "--json",
-                         timeout=300)  # fmt: skip
+                         "--seed", 1, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["frames"] == 13 and result["seconds"] == pytest.approx(13 * 0.08)
     assert result["text"]  # a random model says random words of its tokenizer
     assert (tmp_path / "out.wav").stat().st_size > 13 * 1920 * 2
+    # Piped, the transcript is a line per turn: a random model never pads, so one line.
+    done = moshi_mlx_cmd("run", wav, tmp_path / "out.wav", "--hf-path", tiny_folder, "--force",
+                         "--seed", 1, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == result["text"] + "\n"
 
 
 def write_tone(path: Path, seconds: float, rate: int = 24000) -> None:
