@@ -7,6 +7,7 @@ positions (``--warmup`` untimed frames, then ``--steps`` timed ones) from a fres
 passes: ``stages`` (a sync after each stage, for the split), ``lm`` (``LmGen.step`` and the
 copy of its tokens to the host), ``frame`` (the duplex engine the chat runs, ``--engine``) and
 ``full_context`` (peak memory with the LM's KV window full); see ``moshi_mlx.benchmark``.
+It prints a summary for people (``summary``); ``--json`` and ``--kv`` give every figure.
 """
 
 from __future__ import annotations
