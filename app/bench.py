@@ -7,6 +7,7 @@ positions (``--warmup`` untimed frames, then ``--steps`` timed ones) from a fres
 passes: ``stages`` (a sync after each stage, for the split), ``lm`` (``LmGen.step`` and the
 copy of its tokens to the host), ``frame`` (the duplex engine the chat runs, ``--engine``) and
 ``full_context`` (peak memory with the LM's KV window full); see ``moshi_mlx.benchmark``.
+It prints a summary for people (``summary``); ``--json`` and ``--kv`` give every figure.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from pathlib import Path
 
 from .options import (
@@ -28,6 +30,7 @@ HELP = "time the frame step (Mimi, temporal and depth transformers) on a model o
 PRESETS = {"moshiko-7b": "moshi_7b", "moshika-7b": "moshi_7b", "moshi-2b": "moshi_2b"}
 SCALE_FLAGS = ("dim", "layers", "heads", "dep_dim", "dep_layers", "dep_heads", "context",
                "text_card")  # fmt: skip
+SIZES = ("tiny", "medium")  # moshi_mlx.random_weights.SIZES: every part scaled
 DEFAULT_SEED = 299792458
 
 
@@ -70,7 +73,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_sampling_arguments(p)  # --seed: weights, inputs and sampling (default 299792458)
 
     out = p.add_argument_group("output")
-    out.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    out.add_argument(
+        "--json", action="store_true", help="every figure as one JSON object on stdout"
+    )
+    out.add_argument(
+        "--kv", action="store_true", help="every figure as key=value lines (for grep and awk)"
+    )
     out.add_argument("--json-out", help="append the JSON object as a line to this file")
     out.add_argument("--label", help="free text stored in the result (e.g. a git revision)")
 
@@ -78,6 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def check_args(args) -> None:
     from moshi_mlx.errors import MoshiError
 
+    if args.json and args.kv:
+        raise MoshiError("give --json or --kv, not both")
     if args.no_lm and args.no_mimi:
         raise MoshiError("--no-lm and --no-mimi leave nothing to time")
     if args.hf_path is not None and args.random_weights:
@@ -99,40 +109,47 @@ def check_args(args) -> None:
 
 
 def lm_config_from_args(args):
-    """The LM config of ``--config`` (preset name or upstream JSON) with the scale-down flags.
-
-    Scaled widths get upstream MLX's FFN sizes, as the reference harness scales them: temporal
-    hidden ``11 * dim / 4`` (``hidden_scale`` 4.125) and depformer hidden ``11 * dep_dim / 4``.
-    """
-    import dataclasses
-
+    """The LM config of ``--config`` (preset name, size or upstream JSON) with the scale-down
+    flags (``moshi_mlx.random_weights.scale_lm_config``: each flag scales what it names)."""
     from moshi_mlx import LmConfig
     from moshi_mlx.errors import MoshiError
     from moshi_mlx.loading import read_json
+    from moshi_mlx.random_weights import scale_lm_config, sized_config
 
     name = args.config or "moshiko-7b"
     if name in PRESETS:
         cfg = getattr(LmConfig, PRESETS[name])()
+    elif name in SIZES:
+        cfg = sized_config(name)[0]
     elif name.endswith(".json") or Path(name).exists():
         cfg = LmConfig.from_dict(read_json(name, "LM config"))
     else:
-        raise MoshiError(f"unknown config {name!r}: use {', '.join(PRESETS)} or an LM JSON file")
-    changes = {k: v for k, v in (("num_layers", args.layers), ("context", args.context),
-               ("text_card", args.text_card), ("depformer_num_layers", args.dep_layers))
-               if v is not None}  # fmt: skip
-    if args.dim is not None:
-        changes.update(dim=args.dim, hidden_scale=4.125, num_heads=max(1, args.dim // 128))
-    if args.dep_dim is not None:
-        hidden = 11 * args.dep_dim // 4  # 2/3 of the feed-forward width gives this hidden width
-        changes.update(depformer_dim=args.dep_dim, depformer_dim_feedforward=(3 * hidden + 1) // 2,
-                       depformer_num_heads=max(1, args.dep_dim // 64))  # fmt: skip
-    if args.heads is not None:
-        changes["num_heads"] = args.heads
-    if args.dep_heads is not None:
-        changes["depformer_num_heads"] = args.dep_heads
-    cfg = dataclasses.replace(cfg, **changes)
-    cfg.validate()
-    return cfg
+        raise MoshiError(
+            f"unknown config {name!r}: use {', '.join((*PRESETS, *SIZES))} or an LM JSON file"
+        )
+    given = {flag: getattr(args, flag) for flag in SCALE_FLAGS if getattr(args, flag) is not None}
+    return scale_lm_config(cfg, **given)
+
+
+def kept_parts(args, cfg, mimi_cfg) -> list[str]:
+    """The parts of a scaled-down random model kept at the size of ``--config`` (none when
+    nothing is scaled): what makes a "256-wide" run slower and bigger than its width says."""
+    scaled = {f for f in SCALE_FLAGS if getattr(args, f) is not None}
+    if not scaled and args.config not in SIZES:
+        return []
+    kept = []
+    if not scaled & {"dim", "layers", "heads"} and args.config not in SIZES:
+        kept.append(f"temporal transformer ({cfg.dim} wide, {cfg.num_layers} layers)")
+    if not scaled & {"dep_dim", "dep_layers", "dep_heads"} and args.config not in SIZES:
+        kept.append(f"depth transformer ({cfg.depformer_dim} wide, {cfg.depformer_num_layers} "
+                    f"layers, {cfg.dep_q} steps)")  # fmt: skip
+    if "text_card" not in scaled:
+        kept.append(f"text vocabulary ({cfg.text_card})")
+    if "context" not in scaled:
+        kept.append(f"context ({cfg.context} steps)")
+    if not args.no_mimi and not args.mimi_weights and mimi_cfg is None:
+        kept.append("Mimi (the released codec)")
+    return kept
 
 
 def build_models(args, progress) -> dict:
@@ -141,16 +158,20 @@ def build_models(args, progress) -> dict:
 
     import moshi_mlx
     from moshi_mlx.engine import mimi_device
+    from moshi_mlx.errors import MoshiWarning
     from moshi_mlx.loading import as_dtype, as_mimi_config
     from moshi_mlx.memory import check_fits
+    from moshi_mlx.random_weights import sized_config
 
     from .options import load_model, quantization_from_args
 
     quantization = quantization_from_args(args)
     mimi_cfg = as_mimi_config(args.mimi_config) if args.mimi_config else None
+    if mimi_cfg is None and args.config in SIZES:
+        mimi_cfg = sized_config(args.config)[1]
     device = mimi_device(args.mimi_device)
     lm = mimi = None
-    info = {"model": None, "mimi": None}
+    info = {"model": None, "mimi": None, "kept_full_size": None}
     if args.hf_path is not None:
         parts = [p for p, skip in (("lm", args.no_lm), ("mimi", args.no_mimi or args.mimi_weights))
                  if not skip]  # fmt: skip
@@ -159,16 +180,28 @@ def build_models(args, progress) -> dict:
         info["mimi"] = f"{args.hf_path} (Mimi)" if mimi is not None else None
     elif not args.no_lm:
         cfg = lm_config_from_args(args)
-        info["model"] = f"random weights, config {args.config or 'moshiko-7b'}"
+        name = args.config or "moshiko-7b"
+        info["model"] = f"random weights, config {name}"
+        info["kept_full_size"] = kept_parts(args, cfg, mimi_cfg)
         dtype = as_dtype(args.dtype or "bfloat16")
         check_fits(cfg, dtype, quantization, False if args.no_mimi else mimi_cfg)
+        heavy = [p for p in info["kept_full_size"] if not p.startswith("context")]
+        if heavy and args.config not in SIZES:  # the context costs memory only, no compute
+            warnings.warn(
+                f"the scaled {name} keeps at full size: {'; '.join(heavy)} "
+                "(scale them too with --dep-dim, --dep-layers, --text-card, --context and "
+                "--mimi-config, or use --config tiny or medium)",
+                MoshiWarning,
+                stacklevel=1,
+            )
         lm = moshi_mlx.random_lm(cfg, dtype, quantization, args.seed, progress.task("build LM"))
     if args.mimi_weights and not args.no_mimi:
         mimi = moshi_mlx.load_mimi(args.mimi_weights, mimi_cfg, device)
         info["mimi"] = args.mimi_weights
     elif mimi is None and not args.no_mimi:
         mimi = moshi_mlx.random_mimi(mimi_cfg, args.seed, device)
-        info["mimi"] = "random weights" + (f", config {args.mimi_config}" if mimi_cfg else "")
+        named = args.mimi_config or (args.config if args.config in SIZES else None)
+        info["mimi"] = "random weights" + (f", config {named}" if named else "")
     if mimi is not None:
         mimi.set_num_codebooks(lm.cfg.mimi_codebooks if lm is not None else args.num_codebooks)
         mx.eval(mimi.parameters())
@@ -266,7 +299,68 @@ def main(args) -> int:
             f.write(json.dumps({**result, "samples_ms": samples}) + "\n")
     if args.json:
         print(json.dumps(result))
-    else:
+    elif args.kv:
         for key, value in flatten(result):
             print(f"{key}={value}")
+    else:
+        print("\n".join(summary(result)))
     return 0
+
+
+def summary(r: dict) -> list[str]:
+    """A few lines for people from the result (``--json`` has every figure): a headline
+    naming what was timed and where, the frame's median and p95, the real-time factor, the
+    stages and the peak memory."""
+
+    def ms(key: str) -> str:
+        return "-" if r.get(key) is None else f"{r[key]:.1f}"
+
+    what = r["model"] or "Mimi only (no LM)"
+    if r.get("scaled"):
+        what += " scaled (" + ", ".join(f"{f} {r['config'][_CONFIG_FIELD[f]]}"
+                                       for f in r["scaled"]) + ")"  # fmt: skip
+    parts = [what]
+    if r.get("dtype"):
+        parts.append(f"{r['dtype']}" + (f", {r['quant']['bits']}-bit" if r.get("quant") else ""))
+    if r.get("engine"):
+        parts.append(f"{r['engine']} engine")
+    if r.get("mimi"):
+        parts.append(f"Mimi: {r['mimi']}, on {r['mimi_device']}")
+    else:
+        parts.append("LM only (no Mimi)")
+    parts.append(f"{r['device']} (MLX {r['mlx_version']})")
+    lines = ["moshi-mlx bench: " + " · ".join(parts)]
+
+    def row(name: str, text: str) -> None:
+        lines.append(f"  {name:<12} {text}")
+
+    row("frame", f"{ms('frame_ms_p50')} ms median, {ms('frame_ms_p95')} ms p95 over "
+                 f"{r['steps']} frame{'s' if r['steps'] != 1 else ''}")  # fmt: skip
+    if r.get("frame_interval_ms_p50") is not None:
+        row("answers", f"every {ms('frame_interval_ms_p50')} ms median "
+                       f"({ms('frame_interval_ms_p95')} p95), each {ms('frame_latency_ms_p50')} "
+                       "ms after its frame")  # fmt: skip
+    pace = "keeps up with" if r["rtf"] < 1 else "slower than"
+    row("real time", f"RTF {r['rtf']:.2f}: {pace} real time (80 ms of audio per frame; "
+                     "below 1 keeps up)")  # fmt: skip
+    stages = [f"{s} {ms(f'{s}_ms_p50')}" for s in ("encode", "temporal", "depth", "decode")
+              if r.get(f"{s}_ms_p50") is not None]  # fmt: skip
+    if stages:
+        row("stages", ", ".join(stages) + " ms median, synced per stage")
+    full = r.get("peak_memory_full_context_gb")
+    weights = [f"{n} {r[f'{k}_params_gb']:.2f} GB" for n, k in (("LM", "lm"), ("Mimi", "mimi"))
+               if r.get(f"{k}_params_gb") is not None]  # fmt: skip
+    row("memory", f"peak {r['peak_memory_gb']:.2f} GB"
+                  + (f", {full:.2f} GB with the context full" if full is not None else "")
+                  + (f"; weights {', '.join(weights)}" if weights else ""))  # fmt: skip
+    if r.get("kept_full_size"):
+        row("kept", "at full size: " + "; ".join(r["kept_full_size"]))
+    lines.append("  (--json or --kv for every figure)")
+    return lines
+
+
+# scale flag -> the config field it sets (for the headline)
+_CONFIG_FIELD = {"dim": "dim", "layers": "num_layers", "heads": "num_heads",
+                 "dep_dim": "depformer_dim", "dep_layers": "depformer_num_layers",
+                 "dep_heads": "depformer_num_heads", "context": "context",
+                 "text_card": "text_card"}  # fmt: skip

@@ -177,3 +177,76 @@ def make_screen(out=None, status_every_s: float = 5.0):
     """``RichScreen`` when ``out`` (stdout by default) is a terminal, else ``PlainScreen``."""
     out = out or sys.stdout
     return RichScreen() if out.isatty() else PlainScreen(out, every_s=status_every_s)
+
+
+# A turn of Moshi's speech ends after this much audio with no text (padding ids only): two
+# seconds is longer than the pauses between its sentences, shorter than a listener's reply.
+TURN_PAUSE_S = 2.0
+
+
+class Transcript:
+    """``run``'s transcript as flowing text, fed one frame's text at a time (``""`` for a
+    frame of padding). With a ``width`` (a terminal), words flow into lines of at most that
+    many characters, printed as each fills, and a turn ends with a blank line; without (a pipe,
+    a file), each turn is one line. A turn ends after ``pause_frames`` frames of padding in a
+    row (``TURN_PAUSE_S`` of audio), and at ``close``."""
+
+    def __init__(self, out=None, width: int | None = None, pause_frames: int | None = None):
+        from .loop import FRAME_S
+
+        self.out = out or sys.stdout
+        self.width = width
+        self.pause_frames = pause_frames or round(TURN_PAUSE_S / FRAME_S)
+        self.line = ""  # the words of the line being filled
+        self.word = ""  # the word being spelled (a word can come in several pieces)
+        self.quiet = 0  # frames of padding in a row
+        self.turns = 0  # turns printed
+        self.lines = 0  # lines printed of the turn going on
+
+    def step(self, text: str) -> None:
+        if not text:
+            self.quiet += 1
+            if self.quiet == self.pause_frames:
+                self.end_turn()
+            return
+        self.quiet = 0
+        if text.startswith(" ") and self.word:
+            self._add_word()
+        self.word += text
+
+    def _add_word(self) -> None:
+        word, self.word = self.word, ""
+        if self.width and self.line and len(self.line) + len(word) > self.width:
+            self._emit(self.line)
+            self.line = ""
+        self.line += word.lstrip() if not self.line else word
+
+    def end_turn(self) -> None:
+        if self.word:
+            self._add_word()
+        if self.line.strip():
+            self._emit(self.line.strip())
+        self.line = ""
+        if self.lines:
+            self.turns += 1
+        self.lines = 0
+
+    def close(self) -> None:
+        self.end_turn()
+
+    def _emit(self, line: str) -> None:
+        if self.width and self.turns and not self.lines:
+            print(file=self.out)  # turns are paragraphs on a terminal
+        print(line, file=self.out, flush=True)
+        self.lines += 1
+
+
+def transcript_width(out=None) -> int | None:
+    """Line width for ``Transcript``: the terminal's (at most 100) when ``out`` (stdout by
+    default) is one, else None (a line per turn)."""
+    import shutil
+
+    out = out or sys.stdout
+    if not out.isatty():
+        return None
+    return max(20, min(100, shutil.get_terminal_size().columns - 1))

@@ -85,6 +85,7 @@ def check_output(out: Path, args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from .display import Transcript, transcript_width
     from .loop import FrameDriver, Step, drive
     from .options import load_model, model_choice, prompt_from_args
     from .progress import Progress
@@ -113,9 +114,10 @@ def main(args: argparse.Namespace) -> int:
         if prompt is not None:
             say(f"persona prompt applied in {driver.prompt_s:.2f} s")
         total = math.ceil(round(reader.frames * SAMPLE_RATE / reader.rate) / FRAME)
-        report(f"{total} frames ({total * FRAME_S:.2f} s of audio)")
+        report(f"{total * FRAME_S:.2f} s of audio ({total} frames)")
         pieces, text_ids, compute = [], [], []
         live_text = not args.json
+        transcript = Transcript(width=transcript_width())
         wav = AtomicWav(out_path, 1, SAMPLE_RATE, force=args.force)
         interrupted = False
 
@@ -126,13 +128,17 @@ def main(args: argparse.Namespace) -> int:
             if step.text:
                 pieces.append({"frame": step.index, "t": round(step.index * FRAME_S, 2),
                                "text": step.text})  # fmt: skip
-                if live_text:
-                    print(step.text, end="", flush=True)
+            if live_text:
+                transcript.step(step.text)
             advance(step.index + 1, total)
 
         try:
             with Progress() as progress:
-                advance = progress.task("answering") if live_text else (lambda done, n: None)
+                advance = (
+                    progress.task("answering", seconds_per_step=FRAME_S)
+                    if live_text
+                    else (lambda done, n: None)
+                )
                 start = time.perf_counter()
                 drive(driver, input_frames(reader), collect)
         except KeyboardInterrupt:
@@ -176,7 +182,7 @@ def main(args: argparse.Namespace) -> int:
             "rtf_median": round(median / FRAME_S, 3),
         }))  # fmt: skip
     else:
-        print(flush=True)
+        transcript.close()
         say(
             f"wrote {out_path}: {seconds:.2f} s in {time.perf_counter() - start:.1f} s; "
             f"compute {median * 1000:.1f} ms/frame (median, {args.engine}), RTF "

@@ -12,8 +12,10 @@ nodes, then evaluated and written one tensor at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -23,7 +25,8 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from moshi_mlx.errors import MoshiWarning
+from moshi_mlx.errors import MoshiError, MoshiWarning
+from moshi_mlx.lm import Lm, LmConfig
 from moshi_mlx.loading import (
     FORMAT,
     ModelFiles,
@@ -37,7 +40,15 @@ from moshi_mlx.loading import (
     wrong_checkpoint,
 )
 from moshi_mlx.memory import max_rss_bytes
+from moshi_mlx.mimi import Mimi, MimiConfig
 from moshi_mlx.quantize import Quantization, QuantizeReport, quantize_report
+from moshi_mlx.random_weights import (
+    describe_size,
+    random_lm,
+    random_mimi,
+    sized_config,
+    train_tokenizer,
+)
 from moshi_mlx.weights import (
     CheckpointError,
     check_finite,
@@ -56,6 +67,7 @@ from .output import (
 )
 from .streaming import plan_shards, shard_names, write_safetensors
 
+TOKENIZER_FILE = "tokenizer.model"  # the small tokenizer of a random folder
 Progress = Callable[[str, int, int], None]  # (tensor name, bytes done, bytes in total)
 
 
@@ -73,35 +85,87 @@ class ConversionResult:
     max_rss: int = 0  # bytes, of this process so far
 
 
-def _input_files(
-    hf_path, moshi_weights, mimi_weights, tokenizer, lm_config, mimi_config
-) -> ModelFiles:
+# The pieces a conversion needs: (part, the argument that gives it, what it is)
+PIECES = (
+    ("lm", "moshi_weights", "Moshi LM weights"),
+    ("mimi", "mimi_weights", "Mimi codec weights"),
+    ("tokenizer", "tokenizer", "text tokenizer (a SentencePiece .model file)"),
+)
+
+
+def _assumed(config: str, argument: str) -> str:
+    return f" ({config}'s config was assumed: give the one that fits with `{argument}`)"
+
+
+def _inputs(
+    hf_path, moshi_weights, mimi_weights, tokenizer, lm_config, mimi_config, dtype, quantize
+) -> tuple[ModelFiles, Lm, Mimi]:
+    """Find every piece of the model and check that they fit together (lazily: nothing is
+    read but headers). Every missing or unfitting piece is named in one ``CheckpointError``,
+    each with the argument that supplies it."""
     folder = model_folder(hf_path) if hf_path is not None else None
-    if folder is None and None in (moshi_weights, mimi_weights, tokenizer):
+    given = {"lm": moshi_weights, "mimi": mimi_weights, "tokenizer": tokenizer}
+    if folder is None and not any(given.values()):
         raise CheckpointError(
             "give `hf_path` (a repo id or a folder), or all of `moshi_weights`, `mimi_weights` "
             "and `tokenizer`"
         )
-    for path, argument, kind in ((moshi_weights, "moshi_weights", "lm"),
-                                 (mimi_weights, "mimi_weights", "mimi")):  # fmt: skip
-        if path is not None:
-            # Found again later without naming the argument: say it before any work.
-            weights = read_safetensors(path)
-            if checkpoint_kind(weights) != kind:
-                raise CheckpointError(
-                    f"`{argument}`: {wrong_checkpoint(Path(path), weights, kind)}"
-                )
-    return find_model_files(
-        folder,
-        moshi_weights=moshi_weights,
-        mimi_weights=mimi_weights,
-        tokenizer=tokenizer,
-        lm_config=lm_config,
-        mimi_config=mimi_config,
-    )
+    problems: list[str] = []
+    found: dict[str, ModelFiles] = {}
+    for part, argument, what in PIECES:
+        if folder is None and given[part] is None:
+            problems.append(f"no {what} given: give `{argument}`")
+            continue
+        try:
+            if part != "tokenizer" and given[part] is not None:
+                # Found again later without naming the argument: say it before any work.
+                weights = read_safetensors(given[part])
+                if checkpoint_kind(weights) != part:
+                    raise CheckpointError(wrong_checkpoint(Path(given[part]), weights, part))
+            found[part] = find_model_files(
+                folder, parts=(part,), lm_config=lm_config, mimi_config=mimi_config,
+                **{argument: given[part]},
+            )  # fmt: skip
+        except MoshiError as e:
+            problems.append(f"`{argument}`: {e}" if given[part] is not None else str(e))
+    lm = mimi = None
+    if "lm" in found:
+        files = found["lm"]
+        try:
+            lm = load_lm(files.lm_weights, files.lm_config, as_dtype(dtype), quantize)
+        except MoshiError as e:
+            assumed = lm_config is None and files.lm_config == LmConfig.moshi_7b()
+            problems.append(f"{e}{_assumed('Moshi 7B', 'lm_config') if assumed else ''}")
+    if "mimi" in found:
+        files = found["mimi"]
+        try:
+            mimi = load_mimi(files.mimi_weights, files.mimi_config)
+        except MoshiError as e:
+            assumed = mimi_config is None and files.mimi_config == MimiConfig()
+            problems.append(
+                f"{e}{_assumed('the released codec', 'mimi_config') if assumed else ''}"
+            )
+    if "tokenizer" in found:
+        try:
+            spm = load_tokenizer(found["tokenizer"].tokenizer)
+        except MoshiError as e:
+            problems.append(str(e))
+        else:
+            if lm is not None:  # a warning, not a problem
+                check_tokenizer(spm, lm.cfg, found["tokenizer"].tokenizer)
+    problems = list(dict.fromkeys(problems))  # a bad config is found once per piece
+    if len(problems) == 1:
+        raise CheckpointError(problems[0])
+    if problems:
+        listed = "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
+        raise CheckpointError(f"{len(problems)} pieces are missing or do not fit: {listed}")
+    files = dataclasses.replace(found["lm"], mimi_weights=found["mimi"].mimi_weights,
+                                mimi_config=found["mimi"].mimi_config,
+                                tokenizer=found["tokenizer"].tokenizer)  # fmt: skip
+    return files, lm, mimi
 
 
-def _model_card(name: str, config: dict, source: dict) -> str:
+def _model_card(name: str, config: dict, origin: str) -> str:
     q = config["quantization"]
     lm = (
         f"{q['bits']}-bit affine quantization, group size {q['group_size']} (linear and "
@@ -109,17 +173,17 @@ def _model_card(name: str, config: dict, source: dict) -> str:
         if q
         else f"{config['dtype']}, not quantized"
     )
-    origin = source.get("hf_path") or source.get("moshi_weights") or "local files"
     front = "---\nlibrary_name: mlx\ntags:\n- mlx\n- moshi\n- speech\n"
-    if source.get("hf_path") and "/" in origin and not Path(origin).exists():
-        front += f"base_model: {origin}\n"
+    hf_path = config["source"].get("hf_path")
+    if hf_path and "/" in hf_path and not Path(hf_path).exists():
+        front += f"base_model: {hf_path}\n"
     front += "---\n\n"
     files = config["files"]
     return front + (
         f"# {name}\n\n"
         "[Moshi](https://github.com/kyutai-labs/moshi), Kyutai's full-duplex speech model, "
         "converted to MLX by `moshi-mlx convert`.\n\n"
-        f"- Source: `{origin}` ({source['layout']} layout)\n"
+        f"- Source: {origin}\n"
         f"- LM: {lm}; files {', '.join(f'`{f}`' for f in files['lm'])}\n"
         f"- Mimi codec: float32, `{files['mimi']}`\n"
         f"- Text tokenizer: `{files['tokenizer']}`\n\n"
@@ -167,6 +231,7 @@ def convert(
 
     ``hf_path``: a Hugging Face repo id or a local folder with Kyutai's files (PyTorch release
     or MLX repo; the layout is read from the keys); single files override what it holds.
+    Every piece that is missing or does not fit is named in one error.
     ``quantize``: affine quantization of the LM's linear and embedding layers
     (``moshi_mlx.quantize_lm``'s rules: layers whose width the group size does not divide stay
     in float, and are listed in the result). ``dtype``: of the unquantized weights (and
@@ -178,20 +243,76 @@ def convert(
     start = time.perf_counter()
     mx.reset_peak_memory()
     out = Path(mlx_path).expanduser()
-    files = _input_files(hf_path, moshi_weights, mimi_weights, tokenizer, lm_config, mimi_config)
-    inputs = [*files.lm_weights, files.mimi_weights, files.tokenizer]
+    # Lazy: the tensors are read, cast and quantized only as they are written.
+    files, lm, mimi = _inputs(hf_path, moshi_weights, mimi_weights, tokenizer, lm_config,
+                              mimi_config, dtype, quantize)  # fmt: skip
+    source = {
+        "hf_path": str(hf_path) if hf_path is not None else None,
+        "moshi_weights": files.lm_weights[0].name if len(files.lm_weights) == 1 else None,
+        "mimi_weights": files.mimi_weights.name,
+        "tokenizer": files.tokenizer.name,
+        "layout": files.layout,
+    }
+    origin = source.get("hf_path") or source.get("moshi_weights") or "local files"
+    origin = f"`{origin}` ({files.layout} layout)"
+    return _write_folder(out, lm, mimi, files.tokenizer, source, origin, force,
+                         [*files.lm_weights, files.mimi_weights, files.tokenizer],
+                         max_shard_bytes, progress, start)  # fmt: skip
+
+
+def convert_random(
+    size: str,
+    mlx_path: str | Path,
+    *,
+    quantize: Quantization | None = None,
+    dtype: str | mx.Dtype | None = None,
+    seed: int = 0,
+    force: bool = False,
+    max_shard_bytes: int = MAX_SHARD_GB << 30,
+    progress: Progress | None = None,
+) -> ConversionResult:
+    """Write at ``mlx_path`` a model folder of random weights of a named size
+    (``moshi_mlx.random_weights.SIZES``: ``tiny`` or ``medium``) with a small tokenizer of its
+    own, as ``convert`` writes a real model: it loads and runs like one, with nothing to
+    download. The same ``seed`` writes the same weights. ``dtype``: of the LM (bfloat16 by
+    default); ``quantize``, ``force`` and ``progress`` as for ``convert``."""
+    start = time.perf_counter()
+    mx.reset_peak_memory()
+    out = Path(mlx_path).expanduser()
+    lm_cfg, mimi_cfg = sized_config(size)
+    check_destination(out, force, [])  # before the work, not only at the end
+    lm = random_lm(lm_cfg, as_dtype(dtype) or mx.bfloat16, quantize, seed)
+    mimi = random_mimi(mimi_cfg, seed)
+    source = {"random": size, "seed": seed, "layout": FORMAT}
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = train_tokenizer(Path(scratch) / TOKENIZER_FILE, lm_cfg.text_card)
+        origin = f"random weights, size `{size}` ({describe_size(size)}), seed {seed}"
+        return _write_folder(out, lm, mimi, tokenizer, source, origin, force, [],
+                             max_shard_bytes, progress, start)  # fmt: skip
+
+
+def _write_folder(
+    out: Path,
+    lm_model: Lm,
+    mimi_model: Mimi,
+    tokenizer: Path,
+    source: dict,
+    origin: str,
+    force: bool,
+    inputs: list[Path],
+    max_shard_bytes: int,
+    progress: Progress | None,
+    start: float,
+) -> ConversionResult:
+    """Write the models, the tokenizer, config.json and a model card into a temporary folder
+    beside ``out``, then move it into place (see ``convert``)."""
     check_destination(out, force, inputs)
     for path in remove_stale(out):
         message = f"removed {path}, left behind by a conversion that was killed"
-        warnings.warn(message, MoshiWarning, stacklevel=2)
-    # fail now on a bad tokenizer, not after the LM
-    check_tokenizer(load_tokenizer(files.tokenizer), files.lm_config, files.tokenizer)
-    # Lazy: the tensors are read, cast and quantized only as they are written.
-    lm_model = load_lm(files.lm_weights, files.lm_config, as_dtype(dtype), quantize)
+        warnings.warn(message, MoshiWarning, stacklevel=3)
     report = quantize_report(lm_model)
     lm = dict(tree_flatten(lm_model.parameters()))
-    mimi = dict(tree_flatten(load_mimi(files.mimi_weights, files.mimi_config).parameters()))
-    del lm_model
+    mimi = dict(tree_flatten(mimi_model.parameters()))
     stored_dtype = float_dtype(lm)
 
     sizes = {k: a.nbytes for k, a in lm.items()}
@@ -206,13 +327,6 @@ def convert(
         if progress is not None:
             progress(name, done, total)
 
-    source = {
-        "hf_path": str(hf_path) if hf_path is not None else None,
-        "moshi_weights": files.lm_weights[0].name if len(files.lm_weights) == 1 else None,
-        "mimi_weights": files.mimi_weights.name,
-        "tokenizer": files.tokenizer.name,
-        "layout": files.layout,
-    }
     quant_entry = None
     if report is not None:
         # mlx-lm's convention: per-layer exceptions as ``path: false``.
@@ -220,11 +334,11 @@ def convert(
     config = {
         "format": FORMAT,
         "model_type": "moshi",
-        "lm": files.lm_config.to_dict(),
-        "mimi": files.mimi_config.to_dict(),
+        "lm": lm_model.cfg.to_dict(),
+        "mimi": mimi_model.cfg.to_dict(),
         "quantization": quant_entry,
         "dtype": stored_dtype,
-        "files": {"lm": names, "mimi": MIMI_FILE, "tokenizer": files.tokenizer.name},
+        "files": {"lm": names, "mimi": MIMI_FILE, "tokenizer": tokenizer.name},
         "source": source,
     }
 
@@ -242,9 +356,9 @@ def convert(
         }
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=4))
         write_safetensors(tmp / MIMI_FILE, mimi, {"format": "mlx"}, tick, check_finite)
-        shutil.copyfile(files.tokenizer, tmp / files.tokenizer.name)
+        shutil.copyfile(tokenizer, tmp / tokenizer.name)
         (tmp / "config.json").write_text(config_json(config))
-        (tmp / "README.md").write_text(_model_card(out.name, config, source))
+        (tmp / "README.md").write_text(_model_card(out.name, config, origin))
         move_into_place(tmp, out, force, inputs)
     except OSError as e:  # a full disk, a quota, a folder that went away: nothing is left
         shutil.rmtree(tmp, ignore_errors=True)

@@ -55,37 +55,13 @@ def tmpfs(folder: Path, options: str):
         subprocess.run(["umount", str(folder)], check=True)
 
 
-# A word-level sentencepiece model with Moshi's special ids (0 unk / end of padding, 1 <s>, 2
-# </s>, 3 <pad>) and as many pieces as the fixture LM has text ids: these sentences' words
-# first, then made-up words. Trains in a tenth of a second.
-_SPM_TEXT = """hello there how are you doing today
-i am fine thank you and you
-the weather is nice and the sun is shining
-moshi listens and speaks at the same time
-full duplex speech models can interrupt and be interrupted
-"""
-
-
 def train_spm(folder: Path, vocab_size: int = 32000) -> Path:
-    import random
-    import string
+    """The library's small tokenizer (``moshi_mlx.random_weights.train_tokenizer``) as
+    ``folder/spm.model``: Moshi's special ids, as many pieces as the fixture LM has text ids."""
+    from moshi_mlx.random_weights import train_tokenizer
 
-    import sentencepiece as spm
-
-    rng = random.Random(0)
-    made_up = {"".join(rng.choices(string.ascii_lowercase, k=rng.randint(4, 10)))
-               for _ in range(vocab_size + 1000)}  # fmt: skip
-    words = sorted(made_up)
     folder.mkdir(parents=True, exist_ok=True)
-    corpus = folder / "corpus.txt"
-    lines = [_SPM_TEXT * 5] + [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
-    corpus.write_text("\n".join(lines) + "\n")
-    prefix = folder / "spm"
-    spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(prefix), vocab_size=vocab_size,
-        pad_id=3, unk_id=0, bos_id=1, eos_id=2, model_type="word", minloglevel=2,
-    )  # fmt: skip
-    return prefix.with_suffix(".model")
+    return train_tokenizer(folder / "spm.model", vocab_size)
 
 
 @pytest.fixture(scope="session")

@@ -52,7 +52,7 @@ def tiny_args(config: str, *extra: str) -> list[str]:
 
 
 def test_key_value_lines_cover_every_stage(capsys, tiny_config):
-    code, out, _ = run_bench(capsys, *tiny_args(tiny_config))
+    code, out, _ = run_bench(capsys, *tiny_args(tiny_config, "--kv"))
     assert code == 0
     lines = out.strip().splitlines()
     assert all(KEY_VALUE.match(line) for line in lines), [
@@ -81,6 +81,66 @@ def test_json_is_one_object_with_the_issue_keys(capsys, tiny_config):
     assert result["rtf_ref"] == pytest.approx(80 / result["frame_interval_ms_p50"], rel=1e-3)
     assert result["peak_memory_gb"] > 0 and result["peak_memory_full_context_gb"] > 0
     assert result["quant"] is None and result["config"]["num_layers"] == 1
+
+
+def test_summary_is_a_headline_and_a_few_lines_from_the_result(capsys, tiny_config):
+    code, out, _ = run_bench(capsys, *tiny_args(tiny_config))
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert lines[0].startswith(f"moshi-mlx bench: random weights, config {tiny_config}")
+    assert "pipelined engine" in lines[0] and "cpu (MLX " in lines[0]
+    assert 5 <= len(lines) <= 10 and not any(KEY_VALUE.match(line) for line in lines)
+    labels = [line.split()[0] for line in lines[1:-1]]
+    assert labels == ["frame", "answers", "real", "stages", "memory"]
+    # The lines are the JSON's figures, and the real-time factor one way only.
+    result = json.loads(run_bench(capsys, *tiny_args(tiny_config, "--json"))[1])
+    text = "\n".join(bench.summary(result))
+    assert f"{result['frame_ms_p50']:.1f} ms median, {result['frame_ms_p95']:.1f} ms p95" in text
+    real_time = next(line for line in text.splitlines() if line.startswith("  real time"))
+    assert re.findall(r"\d+\.\d+", real_time) == [f"{result['rtf']:.2f}"]  # not its inverse
+    assert f"peak {result['peak_memory_gb']:.2f} GB" in text
+
+
+def test_json_and_kv_are_one_or_the_other(capsys, tiny_config):
+    code, out, err = run_bench(capsys, *tiny_args(tiny_config, "--json", "--kv"))
+    assert code == 1 and out == "" and "give --json or --kv, not both" in err
+
+
+def test_sizes_scale_every_part(capsys):
+    from moshi_mlx.random_weights import sized_config
+
+    for size in ("tiny", "medium"):
+        assert bench.lm_config_from_args(scale_args(config=size)) == sized_config(size)[0]
+    argv = ["--random-weights", "--config", "tiny", "--steps", "1", "--warmup", "0",
+            "--no-stages", "--json"]  # fmt: skip
+    code, out, err = run_bench(capsys, *argv)
+    assert code == 0 and "warning" not in err
+    result = json.loads(out)
+    assert result["config"]["dim"] == result["config"]["depformer_dim"] == 256
+    assert result["mimi"] == "random weights, config tiny"  # a tiny Mimi, not the released one
+    assert result["mimi_params_gb"] < 0.01
+    assert result["kept_full_size"] == ["text vocabulary (32000)", "context (3000 steps)"]
+
+
+def test_a_scaled_config_says_which_parts_it_keeps(capsys, tiny_config):
+    args = scale_args(config="moshi-2b", dim=256, no_mimi=False, mimi_weights=None)
+    kept = bench.kept_parts(args, LmConfig_moshi_2b(256), None)
+    assert kept == ["depth transformer (1024 wide, 6 layers, 16 steps)",
+                    "text vocabulary (48000)", "context (3000 steps)",
+                    "Mimi (the released codec)"]  # fmt: skip
+    code, out, err = run_bench(capsys, *tiny_args(tiny_config, "--dim", "128", "--no-mimi"))
+    assert code == 0
+    warning = "the scaled " + tiny_config + " keeps at full size: depth transformer (32 wide"
+    assert warning in err and len(err.strip().splitlines()) == 1
+    assert "kept         at full size: depth transformer (32 wide, 1 layers, 8 steps)" in out
+    assert "scaled (dim 128)" in out.splitlines()[0]
+
+
+def LmConfig_moshi_2b(dim: int):
+    from moshi_mlx import LmConfig
+    from moshi_mlx.random_weights import scale_lm_config
+
+    return scale_lm_config(LmConfig.moshi_2b(), dim=dim)
 
 
 def test_serial_engine_answers_from_its_own_frame(capsys, tiny_config):
@@ -159,7 +219,7 @@ def test_json_out_appends_the_result_with_its_samples(capsys, tiny_config, tmp_p
     samples = records[0]["samples_ms"]
     assert len(samples["lm"]) == len(samples["frame"]) == len(samples["stages.depth"]) == 3
     assert records[0]["lm_step_ms_p50"] == pytest.approx(sorted(samples["lm"])[1], abs=1e-3)
-    assert out.startswith("frame_ms_p50=")  # key=value lines still go to stdout
+    assert out.startswith("moshi-mlx bench: ")  # the summary still goes to stdout
 
 
 def test_default_sampling_is_what_chat_runs(capsys, tiny_config):

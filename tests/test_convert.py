@@ -405,3 +405,123 @@ def test_cli_existing_output_needs_force(tmp_path, pytorch_repo):
 
 def test_cli_needs_an_input(tmp_path):
     assert_one_line_error(run_cli("--mlx-path", tmp_path / "out"), "give --hf-path")
+
+
+# ---- every missing piece at once ---------------------------------------------------------------
+
+
+def test_every_missing_piece_is_named_in_one_message(tmp_path, pytorch_repo):
+    lm_only = tmp_path / "lm-only"  # the LM and its config: no Mimi, no tokenizer
+    lm_only.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        shutil.copy(pytorch_repo / name, lm_only / name)
+    result = run_cli("--hf-path", lm_only, "--mlx-path", tmp_path / "out")
+    assert_one_line_error(result, "2 pieces are missing", "no Mimi codec weights found",
+                          "--mimi-weights", "no text tokenizer", "--tokenizer")  # fmt: skip
+    # The Mimi weights given, but not their config (the released codec's does not fit them).
+    result = run_cli("--hf-path", lm_only, "--mimi-weights", pytorch_repo / MIMI_FILE,
+                     "--mlx-path", tmp_path / "out")  # fmt: skip
+    assert_one_line_error(result, "2 pieces are missing", "--tokenizer", "--mimi-config",
+                          "the released codec's config was assumed")  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def test_single_files_name_every_missing_flag(tmp_path, pytorch_repo):
+    result = run_cli("--moshi-weights", pytorch_repo / "model.safetensors",
+                     "--mlx-path", tmp_path / "out")  # fmt: skip
+    assert_one_line_error(result, "no Mimi codec weights given: give --mimi-weights",
+                          "no text tokenizer", "give --tokenizer",
+                          "Moshi 7B's config was assumed", "--lm-config")  # fmt: skip
+
+
+# ---- random weights --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("random") / "tiny"
+    done = moshi_mlx_cmd("convert", "--random", "tiny", "--mlx-path", out, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"wrote {out}: random weights (tiny, seed 0)")
+    return out
+
+
+def test_random_tiny_folder_loads_and_answers_a_wav(tiny_folder, tmp_path):
+    from moshi_mlx.random_weights import sized_config
+
+    lm, mimi, tokenizer = moshi_mlx.load(tiny_folder)
+    assert lm.cfg == sized_config("tiny")[0] and mimi.cfg == sized_config("tiny")[1]
+    assert tokenizer.get_piece_size() == lm.cfg.text_card and tokenizer.pad_id() == 3
+    config = json.loads((tiny_folder / "config.json").read_text())
+    assert config["source"] == {"random": "tiny", "seed": 0, "layout": "moshi-mlx"}
+    wav = tmp_path / "in.wav"
+    write_tone(wav, seconds=1.0)
+    done = moshi_mlx_cmd("run", wav, tmp_path / "out.wav", "--hf-path", tiny_folder, "--json",
+                         "--seed", 1, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["frames"] == 13 and result["seconds"] == pytest.approx(13 * 0.08)
+    assert result["text"]  # a random model says random words of its tokenizer
+    assert (tmp_path / "out.wav").stat().st_size > 13 * 1920 * 2
+    # Piped, the transcript is a line per turn: a random model never pads, so one line.
+    done = moshi_mlx_cmd("run", wav, tmp_path / "out.wav", "--hf-path", tiny_folder, "--force",
+                         "--seed", 1, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == result["text"] + "\n"
+
+
+def write_tone(path: Path, seconds: float, rate: int = 24000) -> None:
+    import wave
+
+    import numpy as np
+
+    t = np.arange(int(seconds * rate)) / rate
+    pcm = (0.3 * np.sin(2 * np.pi * 220 * t) * 32767).astype(np.int16)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+
+
+def test_random_folder_is_the_same_for_the_same_seed(tiny_folder, tmp_path):
+    from moshi_mlx.convert.convert import convert_random
+
+    again = convert_random("tiny", tmp_path / "again", seed=0)
+    for name in ("model.safetensors", "mimi.safetensors", "tokenizer.model"):
+        assert (again.path / name).read_bytes() == (tiny_folder / name).read_bytes(), name
+    other = convert_random("tiny", tmp_path / "other", seed=1)
+    for name in ("model.safetensors", "mimi.safetensors"):
+        assert (other.path / name).read_bytes() != (tiny_folder / name).read_bytes(), name
+
+
+def test_random_folder_follows_the_output_rules(tiny_folder, tmp_path):
+    from moshi_mlx.convert.convert import convert_random
+
+    result = run_cli("--random", "tiny", "--mlx-path", tiny_folder)
+    assert_one_line_error(result, "already exists; pass --force to replace it")
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="`force` would delete notes.txt"):
+        convert_random("tiny", precious, force=True)
+    assert sorted(p.name for p in precious.iterdir()) == ["notes.txt"]
+    assert leftovers(tmp_path) == []
+
+
+def test_random_folder_quantized(tmp_path):
+    code, stdout, _ = run_cli("--random", "tiny", "-q", "4", "--mlx-path", tmp_path / "q4")
+    assert code == 0 and "random weights (tiny, seed 0): LM 4-bit" in stdout
+    lm, _, _ = moshi_mlx.load(tmp_path / "q4")
+    assert lm.text_emb.bits == 4 and lm.text_emb.group_size == 32
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--random", "tiny", "--hf-path", "x"], "--random makes its own weights: leave out --hf-path"),
+    (["--random", "huge"], "invalid choice: 'huge'"),
+    (["--hf-path", "x", "--seed", "3"], "--seed picks --random's weights"),
+    (["--random", "tiny", "--seed", "-1"], "--seed must be an integer >= 0"),
+])  # fmt: skip
+def test_random_bad_flags(tmp_path, flags, message):
+    assert_one_line_error(run_cli("--mlx-path", tmp_path / "out", *flags), message)
+    assert not (tmp_path / "out").exists()

@@ -788,7 +788,7 @@ def test_ctrl_c_keeps_what_run_computed_as_a_valid_shorter_wav(tmp_path, model_d
 
 
 def test_a_closed_stdout_ends_quietly(tmp_path):
-    r = subprocess.run(f"'{MOSHI_MLX}' bench --no-lm --random-weights --mimi-config "
+    r = subprocess.run(f"'{MOSHI_MLX}' bench --kv --no-lm --random-weights --mimi-config "
                        f"'{MIMI_DIR / 'config.json'}' --steps 3 --warmup 1 | head -c 5",
                        shell=True, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.stdout == "frame" and r.stderr == "", r.stderr
