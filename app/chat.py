@@ -267,12 +267,8 @@ class Chat:
     def _converse(self, worker: ComputeWorker, audio: DuplexAudio) -> str | None:
         """Runs until Ctrl-C (None) or a failure (its one-line message)."""
         screen = self.screen
-        blocks, stalled, last = audio.blocks, 0.0, time.monotonic()
+        stall = StallClock(time.monotonic())
         while not self.stop.wait(0.1):
-            # Time spent suspended (Ctrl-Z, then fg) is no stall: count at most one wait's worth
-            # per turn; the lag policy drops what was missed meanwhile.
-            now = time.monotonic()
-            stalled, last = stalled + min(now - last, 0.5), now
             self._pump(worker)
             screen.tick()
             if worker.error is not None:
@@ -281,9 +277,7 @@ class Chat:
                 raise worker.stage.error
             if audio.failed.is_set() or not audio.active:
                 return STREAM_STOPPED
-            if audio.blocks != blocks:
-                blocks, stalled = audio.blocks, 0.0
-            elif stalled > STALL_S:  # open but silent: the device is gone
+            if stall.silent(audio.blocks, time.monotonic()) > STALL_S:  # the device is gone
                 return STREAM_STOPPED
         return None
 
@@ -327,6 +321,24 @@ class Chat:
 
         for s in STOPPING:
             signal.signal(s, on_signal)
+
+
+class StallClock:
+    """How long the audio stream has been silent while this process ran: time spent suspended
+    (Ctrl-Z, then fg) is no stall, so each turn of the main loop counts at most half a second;
+    the lag policy drops what was missed meanwhile."""
+
+    def __init__(self, now: float):
+        self.blocks, self.last, self.silent_s = -1, now, 0.0
+
+    def silent(self, blocks: int, now: float) -> float:
+        """Seconds without a new callback, given the callbacks so far and the time now."""
+        if blocks != self.blocks:
+            self.blocks, self.silent_s = blocks, 0.0
+        else:
+            self.silent_s += min(now - self.last, 0.5)
+        self.last = now
+        return self.silent_s
 
 
 def _frames_of(path: str) -> list[np.ndarray]:

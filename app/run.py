@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from moshi_mlx.errors import MoshiError
+from moshi_mlx.outputs import check_input
 
 from .loop import FRAME, FRAME_S, SAMPLE_RATE
 from .options import (
@@ -89,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
     check_persona_args(args)
     out_path = Path(args.output)
     check_writable(out_path, suffix=".wav", kind="run's answer", **output_rule(args))
-    reader = WavReader(args.input)
+    reader = WavReader(check_input(args.input, "IN"))
     if reader.frames == 0:
         raise MoshiError(f"{args.input} holds no audio")
 
