@@ -64,7 +64,8 @@ def check_destination(out: Path, force: bool, inputs: list[Path]) -> None:
     nothing at all, and never one holding the inputs; and one that cannot be written."""
     models = [p.parent for p in inputs if is_model_folder(p.parent)]
     for folder in (*models, hf_cache()):
-        if folder.is_dir() and out.absolute().resolve().is_relative_to(folder.resolve()):
+        inside = out.absolute().resolve().parents  # (out itself: "holds the input" below)
+        if folder.is_dir() and folder.resolve() in inside:
             raise MoshiError(f"{out} is inside the model folder {folder}; pick another `mlx_path`")
     existing = next(p for p in out.absolute().parents if p.exists())
     if is_model_folder(existing):

@@ -151,7 +151,7 @@ def check_output(
         if not stat.S_ISREG(st.st_mode):
             raise MoshiError(f"{path} exists and is not a regular file; pick another name")
         if not force:
-            raise MoshiError(f"{path} exists; pick another name, or pass `force` to overwrite it")
+            raise MoshiError(f"{path} exists; pick another name, or pass --force to overwrite it")
     if suffix is not None and path.suffix.lower() != suffix:
         right = path.with_suffix(suffix).name if path.suffix else path.name + suffix
         raise MoshiError(
@@ -256,7 +256,7 @@ def create_in_place(path: str | Path, **rule):
         fd = os.open(path, flags | (os.O_TRUNC if rule.get("force") else os.O_EXCL), 0o666)
     except FileExistsError:
         raise MoshiError(
-            f"{path} exists; pick another name, or pass `force` to overwrite it"
+            f"{path} exists; pick another name, or pass --force to overwrite it"
         ) from None
     except OSError as e:
         raise MoshiError(f"cannot create {path}: {e.strerror or e}") from None
