@@ -529,3 +529,44 @@ def test_time_spent_suspended_is_no_stall():
         t += 0.1
         silent = clock.silent(blocks=11, now=t)
     assert silent > STALL_S
+
+
+# ---- with the virtual sound card: a chat suspended, a chat whose file fails late ------------
+
+
+def test_a_suspended_chat_resumes(card, model_dir, tmp_path):
+    from audio_card import Chat
+
+    chat = Chat(card, "--hf-path", model_dir, "--record", tmp_path / "talk.wav")
+    try:
+        chat.wait_for("speak now")
+        time.sleep(1.0)
+        chat.proc.send_signal(signal.SIGSTOP)  # Ctrl-Z
+        time.sleep(5.0)
+        chat.proc.send_signal(signal.SIGCONT)  # fg
+        time.sleep(4.0)
+        assert chat.proc.poll() is None, chat.err  # it ended: "a sound device failed ..."
+        rc = chat.interrupt()
+    finally:
+        chat.kill()
+    assert rc == 0 and not any("Traceback" in line for line in chat.err), chat.err
+    assert read_wav(tmp_path / "talk.wav")[0].shape[0] > 4 * 24000
+
+
+def test_a_failure_after_the_model_loaded_is_one_line(card, model_dir, tmp_path):
+    """The dump's folder vanishes mid-chat: the dump cannot be written at the end, which is
+    one line and exit code 1 (a failure there aborted the process: rc -6)."""
+    from audio_card import Chat
+
+    (tmp_path / "sub").mkdir()
+    chat = Chat(card, "--hf-path", model_dir, "--debug-dump", tmp_path / "sub" / "d.npz")
+    try:
+        chat.wait_for("speak now")
+        time.sleep(1.0)
+        (tmp_path / "sub").rmdir()
+        rc = chat.interrupt()
+    finally:
+        chat.kill()
+    errors = [line for line in chat.err if "error" in line]
+    assert rc == 1 and len(errors) == 1 and "sub/d.npz" in errors[0], chat.err
+    assert not any("Traceback" in line or "terminate called" in line for line in chat.err)
