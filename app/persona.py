@@ -58,18 +58,39 @@ def voice_codes(path: str, mimi, what: str = "the voice", report=None):
     from moshi_mlx import persona
 
     from .loop import SAMPLE_RATE
-    from .wavio import WavReader, resample, to_mono
+    from .wavio import WavReader
 
     if check_voice_file(path, what) == "safetensors":
         return persona.load_voice_prompt(path, mimi)
-    with WavReader(path) as r:  # at most MAX_VOICE_S: held whole, a few MB at most
+    with WavReader(path) as r:
         persona.check_voice_length(r.frames / r.rate, f"{what} {path}")
-        x, rate = r.read(), r.rate
-    codes = persona.voice_prompt_from_pcm(mimi, resample(to_mono(x), rate, SAMPLE_RATE),
-                                          SAMPLE_RATE)  # fmt: skip
+        pcm = mono_24k(r)
+    codes = persona.voice_prompt_from_pcm(mimi, pcm, SAMPLE_RATE)
     if report is not None:
         report(f"voice prompt: {codes.shape[-1] * 0.08:.1f} s of {path}")
     return codes
+
+
+def mono_24k(reader):
+    """A WAV's audio (``WavReader``) mixed to mono and resampled to 24 kHz block by block:
+    only the 24 kHz mono result is held (a few MB within ``persona.MAX_VOICE_S``), whatever
+    the file's rate and channel count."""
+    import numpy as np
+
+    from .loop import SAMPLE_RATE
+    from .resample import StreamResampler
+
+    resampler = StreamResampler(reader.rate, SAMPLE_RATE)
+    skip = round(resampler.delay_s * SAMPLE_RATE)  # the resampler's delay, taken out
+    wanted = round(reader.frames * SAMPLE_RATE / reader.rate)
+    block = max(1, reader.rate // 10)
+    pieces, have = [], 0
+    while have < skip + wanted:
+        x = reader.read(block)
+        mono = x.mean(axis=1, dtype=np.float32) if len(x) else np.zeros(block, np.float32)
+        pieces.append(resampler(mono))
+        have += len(pieces[-1])
+    return np.concatenate(pieces)[skip : skip + wanted]
 
 
 def main(args: argparse.Namespace) -> int:
