@@ -24,7 +24,8 @@ Every breach is a ``MoshiError`` of one line. Use it like this::
         write_the_file(tmp)
     # the file is at ``out.path`` now
 
-``write_output(path, write, **rule)`` does the same in one call. ``check_input(path, what)``
+``write_output(path, write, **rule)`` does the same in one call; ``append_output`` opens a log
+that grows run after run. ``check_input(path, what)``
 is the rule for what is read: a regular file, refused before it is opened otherwise (a FIFO
 would block forever, ``/dev/zero`` never ends).
 """
@@ -261,6 +262,33 @@ def create_in_place(path: str | Path, **rule):
     except OSError as e:
         raise MoshiError(f"cannot create {path}: {e.strerror or e}") from None
     return os.fdopen(fd, "wb")
+
+
+def append_output(path: str | Path, check_only: bool = False, **rule):
+    """A log that grows run after run (one JSON line each, e.g. ``bench --json-out``), opened
+    for appending (text): the rule as for a new file, except that an existing regular file is
+    appended to, never replaced; never through a link (the open itself refuses one).
+    ``check_only``: check, open nothing (before the slow work)."""
+    path = Path(path)
+    st = None
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    if st is not None and not stat.S_ISLNK(st.st_mode) and stat.S_ISREG(st.st_mode):
+        rule = {**rule, "force": True}  # appending is not overwriting
+    path = check_output(path, **rule)
+    if check_only:
+        return None
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_NONBLOCK", 0), 0o666)
+    except OSError as e:
+        raise MoshiError(f"cannot write {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise MoshiError(f"{path} exists and is not a regular file; pick another name")
+    return os.fdopen(fd, "a")
 
 
 def _renameat2(src: Path, dst: Path) -> int | None:

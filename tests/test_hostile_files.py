@@ -592,3 +592,21 @@ def test_a_voice_recording_is_mixed_and_resampled_as_a_stream(tmp_path):
     core = slice(100, -100)
     err = np.abs(streamed[core] - whole[core]).max() / np.abs(whole).max()
     assert err < 0.05, err  # one sample off: 0.15
+
+
+def test_a_log_is_appended_to_never_through_a_link(tmp_path, model_dir):
+    from moshi_mlx.outputs import append_output
+
+    log = tmp_path / "runs.jsonl"
+    for line in ("one\n", "two\n"):
+        with append_output(log, what="--json-out") as f:
+            f.write(line)
+    assert log.read_text() == "one\ntwo\n"  # appended, never replaced
+    (tmp_path / "link.jsonl").symlink_to(log)
+    os.mkfifo(tmp_path / "pipe")
+    for path, words in ((tmp_path / "link.jsonl", "symbolic link"),
+                        (tmp_path / "pipe", "not a regular file"),
+                        (model_dir / "bench.jsonl", "inside a model folder")):  # fmt: skip
+        with pytest.raises(MoshiError, match=words):
+            append_output(path, what="--json-out")
+    assert log.read_text() == "one\ntwo\n" and not (model_dir / "bench.jsonl").exists()
