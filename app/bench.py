@@ -18,6 +18,8 @@ import time
 import warnings
 from pathlib import Path
 
+from moshi_mlx.outputs import append_output
+
 from .options import (
     DTYPES,
     add_engine_arguments,
@@ -106,6 +108,8 @@ def check_args(args) -> None:
         raise MoshiError("--steps must be at least 1 and --warmup at least 0")
     if args.json_out and Path(args.json_out).is_dir():
         raise MoshiError(f"--json-out {args.json_out} is a folder; give a file name")
+    if args.json_out:
+        append_output(args.json_out, check_only=True, what="--json-out", models=[args.hf_path])
 
 
 def lm_config_from_args(args):
@@ -295,7 +299,7 @@ def main(args) -> int:
     if args.json_out:
         samples = {f"{p}.{k}": v for p, ps in passes.items() for k, v in ps.stages.items()}
         samples.update({p: ps.wall_ms for p, ps in passes.items()})
-        with open(args.json_out, "a") as f:
+        with append_output(args.json_out, what="--json-out", models=[args.hf_path]) as f:
             f.write(json.dumps({**result, "samples_ms": samples}) + "\n")
     if args.json:
         print(json.dumps(result))

@@ -17,11 +17,13 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
 
 from moshi_mlx.errors import MoshiError
+from moshi_mlx.outputs import write_output
 
 from .audio import (
     DuplexAudio,
@@ -50,7 +52,8 @@ from .options import (
     sampling_from_args,
 )
 from .recording import Recorder, transcript_path
-from .wavio import check_writable, read_wav, resample, temp_beside, to_mono
+from .signals import STOPPING
+from .wavio import check_writable, read_wav, resample, to_mono
 
 HELP = "talk with Moshi: microphone -> Moshi -> speakers, full duplex, with a live transcript"
 DEFAULT_MAX_LAG_MS = 400.0
@@ -167,14 +170,22 @@ def _check_args(args: argparse.Namespace):
     if args.echo_cancel == "off" and (args.noise_suppression or args.auto_gain):
         raise MoshiError("--noise-suppression and --auto-gain need --echo-cancel on")
     if args.record:
-        for path in (Path(args.record), transcript_path(Path(args.record))):
-            check_writable(path, args.force)
+        check_writable(args.record, args.force, suffix=".wav", kind="the recording",
+                       **_output_rule(args))  # fmt: skip
+        check_writable(transcript_path(Path(args.record)), args.force, **_output_rule(args))
     if args.debug_dump:
-        check_writable(args.debug_dump, force=True)
+        check_writable(args.debug_dump, args.force, suffix=".npz", kind="the dump",
+                       **_output_rule(args))  # fmt: skip
     sampling = sampling_from_args(args)
     model_choice(args)
     check_persona_args(args)
     return sampling
+
+
+def _output_rule(args: argparse.Namespace) -> dict:
+    """What chat's files must never overwrite (``moshi_mlx.outputs``): what it reads."""
+    inputs = {"--voice-prompt": args.voice_prompt, "--debug-play": args.debug_play}
+    return dict(inputs=inputs, models=[args.hf_path])
 
 
 class Chat:
@@ -194,7 +205,7 @@ class Chat:
         self._catch_signals()
         worker.start()
         audio = recorder = stage = None
-        failure = None
+        failure, loaded = None, False
         early = False  # stopped while the model was loading: nothing to wait for or keep
         try:
             while not worker.ready.wait(0.1):
@@ -206,6 +217,7 @@ class Chat:
                     screen.info("stopped before the conversation started")
                     raise _LeaveNow(130)
             self._pump(worker)
+            loaded = True
             audio = DuplexAudio(self.sd, devices, max_waiting, args.device_latency)
             canceller = None
             if args.echo_cancel == "on":
@@ -213,7 +225,8 @@ class Chat:
             stage = MicStage(audio.mic, audio.conversion.mic, canceller)
             recorder = None
             if args.record:
-                recorder = Recorder(args.record, cleaned=canceller is not None, force=args.force)
+                recorder = Recorder(args.record, cleaned=canceller is not None, force=args.force,
+                                    **_output_rule(args))  # fmt: skip
             worker.attach(audio, stage, recorder)
             stage.start()
             try:
@@ -223,22 +236,38 @@ class Chat:
             worker.go.set()
             screen.ready("listening: speak now (Ctrl-C to stop)")
             failure = self._converse(worker, audio)
+        except _LeaveNow:
+            raise
+        except Exception as e:
+            if not loaded:  # the command line prints it
+                raise
+            # After the model loaded: one line, never through the interpreter's teardown (see
+            # _LeaveNow), which can abort the process with threads or streams half made.
+            if not isinstance(e, (MoshiError, OSError)):
+                traceback.print_exc()
+                failure = f"internal error (a bug in moshi-mlx): {one_line(e)}"
+            else:
+                failure = one_line(e)
         finally:
             if audio is not None:
                 audio.stop()
             worker.halt.set()
             if stage is not None:
                 stage.halt.set()
-                stage.join(timeout=5)
+                if stage.ident is not None:  # started
+                    stage.join(timeout=5)
             # A model thread still loading may be deep inside MLX or a download: never waited
             # for (the process ends with os._exit); nothing it says comes after the stop.
             if not early:
                 worker.join(timeout=30)
                 self._pump(worker)
             screen.close()
-            if audio is not None:
-                self._finish(worker, audio, recorder)
-        if audio is None and not worker.is_alive():
+            if audio is not None and worker.stage is not None:
+                try:
+                    self._finish(worker, audio, recorder)
+                except (MoshiError, OSError) as e:
+                    failure = failure or one_line(e)
+        if not loaded and not worker.is_alive():
             return 0
         # After a conversation, never through the interpreter's teardown (see _LeaveNow).
         raise _LeaveNow(1 if failure else 0, failure and f"error: {failure}")
@@ -246,7 +275,7 @@ class Chat:
     def _converse(self, worker: ComputeWorker, audio: DuplexAudio) -> str | None:
         """Runs until Ctrl-C (None) or a failure (its one-line message)."""
         screen = self.screen
-        blocks, since = audio.blocks, time.monotonic()
+        stall = StallClock(time.monotonic())
         while not self.stop.wait(0.1):
             self._pump(worker)
             screen.tick()
@@ -256,9 +285,7 @@ class Chat:
                 raise worker.stage.error
             if audio.failed.is_set() or not audio.active:
                 return STREAM_STOPPED
-            if audio.blocks != blocks:
-                blocks, since = audio.blocks, time.monotonic()
-            elif time.monotonic() - since > STALL_S:  # open but silent: the device is gone
+            if stall.silent(audio.blocks, time.monotonic()) > STALL_S:  # the device is gone
                 return STREAM_STOPPED
         return None
 
@@ -286,7 +313,7 @@ class Chat:
         self.screen.summary(worker.summary())
 
     def _catch_signals(self) -> None:
-        """Ctrl-C (and SIGTERM) ask for a clean stop; a second one ends the process at once
+        """Ctrl-C (and SIGTERM, SIGHUP) ask for a clean stop; a second one ends the process at once
         (the recording is a valid file at all times, missing at most its last second). The
         handlers stay until the process ends: a second Ctrl-C while it exits must not find
         Python's own, which would wait for the sound and model threads."""
@@ -300,8 +327,26 @@ class Chat:
                 os._exit(130)
             self.stop.set()
 
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in STOPPING:
             signal.signal(s, on_signal)
+
+
+class StallClock:
+    """How long the audio stream has been silent while this process ran: time spent suspended
+    (Ctrl-Z, then fg) is no stall, so each turn of the main loop counts at most half a second;
+    the lag policy drops what was missed meanwhile."""
+
+    def __init__(self, now: float):
+        self.blocks, self.last, self.silent_s = -1, now, 0.0
+
+    def silent(self, blocks: int, now: float) -> float:
+        """Seconds without a new callback, given the callbacks so far and the time now."""
+        if blocks != self.blocks:
+            self.blocks, self.silent_s = blocks, 0.0
+        else:
+            self.silent_s += min(now - self.last, 0.5)
+        self.last = now
+        return self.silent_s
 
 
 def _frames_of(path: str) -> list[np.ndarray]:
@@ -520,11 +565,13 @@ class ComputeWorker(threading.Thread):
         arrays = {k: np.asarray(v) for k, v in d.items() if not k.startswith("step_") or v}
         arrays["max_waiting"] = np.asarray(self.policy.max_waiting)
         arrays["frame"] = np.asarray(FRAME)
-        path = Path(path)
-        tmp = temp_beside(path)
-        with open(tmp, "xb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
+
+        def save(tmp: Path) -> None:
+            with open(tmp, "xb") as f:
+                np.savez(f, **arrays)
+
+        write_output(path, save, force=self.args.force, suffix=".npz", kind="the dump",
+                     **_output_rule(self.args))  # fmt: skip
 
 
 _DUMP_KEYS = (

@@ -76,7 +76,9 @@ def main(args: argparse.Namespace) -> int:
 
     from .options import quantization_from_args
     from .progress import Progress, size
+    from .signals import stop_as_interrupt
 
+    stop_as_interrupt()  # SIGTERM and SIGHUP too: the temporary folder is removed, as on Ctrl-C
     quantization = quantization_from_args(args)
     with Progress() as progress:
         advance = progress.task("writing" if args.random else "converting", nbytes=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable, Collection
-from pathlib import Path
 
 DEFAULT_MODEL = "kyutai/moshiko-mlx-q4"
 KYUTAI_REPOS = {(4, 32): "kyutai/moshiko-mlx-q4", (8, 64): "kyutai/moshiko-mlx-q8"}
@@ -245,11 +244,14 @@ def check_persona_args(args: argparse.Namespace) -> None:
 
     if args.text_prompt is not None and not args.text_prompt.strip():
         raise MoshiError("--text-prompt is empty; give the role in words, or leave it out")
+    if args.text_prompt is not None:
+        from moshi_mlx.persona import check_text_prompt
+
+        check_text_prompt(args.text_prompt)
     if args.voice_prompt is not None:
-        if Path(args.voice_prompt).is_dir():
-            raise MoshiError(f"--voice-prompt: {args.voice_prompt} is a folder; give a file")
-        if not Path(args.voice_prompt).exists():
-            raise MoshiError(f"--voice-prompt: no such file: {args.voice_prompt}")
+        from .persona import check_voice_file
+
+        check_voice_file(args.voice_prompt, "--voice-prompt")
 
 
 def prompt_from_args(args: argparse.Namespace, mimi, tokenizer, report=print):
@@ -258,19 +260,14 @@ def prompt_from_args(args: argparse.Namespace, mimi, tokenizer, report=print):
     ``moshi_mlx.persona``) or loaded, the role tokenized. On the model's thread."""
     from moshi_mlx import persona
 
-    from .loop import SAMPLE_RATE, Prompt
-    from .wavio import read_wav, resample, to_mono
+    from .loop import Prompt
+    from .persona import voice_codes
 
     if args.voice_prompt is None and args.text_prompt is None:
         return None
     voice = None  # (LmGen.system_prompt warns once on a model not trained for prompts)
-    if args.voice_prompt is not None and Path(args.voice_prompt).suffix.lower() != ".wav":
-        voice = persona.load_voice_prompt(args.voice_prompt, mimi)
-    elif args.voice_prompt is not None:
-        x, rate = read_wav(args.voice_prompt)
-        voice = persona.voice_prompt_from_pcm(mimi, resample(to_mono(x), rate, SAMPLE_RATE),
-                                              SAMPLE_RATE)  # fmt: skip
-        report(f"voice prompt: {voice.shape[-1] * 0.08:.1f} s of {args.voice_prompt}")
+    if args.voice_prompt is not None:
+        voice = voice_codes(args.voice_prompt, mimi, "--voice-prompt", report)
     text = None
     if args.text_prompt is not None:
         text = persona.text_prompt_tokens(tokenizer, args.text_prompt)

@@ -27,24 +27,89 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help=f"the model whose codec encodes it ({DEFAULT_MODEL})")  # fmt: skip
 
 
-def main(args: argparse.Namespace) -> int:
-    import moshi_mlx
+def check_voice_file(path: str, what: str) -> str:
+    """What the voice file ``path`` is (``"wav"`` or ``"safetensors"``, told by its bytes), a
+    WAV's length checked from its header; one line otherwise, before any model is loaded."""
+    from moshi_mlx import persona
+    from moshi_mlx.errors import MoshiError
+    from moshi_mlx.outputs import check_input
+
+    check_input(path, what)
+    kind = persona.voice_file_kind(path)
+    if kind == "torch":
+        raise MoshiError(f"{what} {path}: {persona.TORCH_REFUSED}")
+    if kind == "wav":
+        from .wavio import WavReader
+
+        with WavReader(path) as r:
+            persona.check_voice_length(r.frames / r.rate, f"{what} {path}")
+    elif kind != "safetensors":
+        raise MoshiError(
+            f"{what} {path} is neither a WAV recording of the voice nor a voice prompt saved "
+            "by `moshi-mlx persona save`"
+        )
+    return kind
+
+
+def voice_codes(path: str, mimi, what: str = "the voice", report=None):
+    """Mimi codes ``[1, 8, F]`` of the voice file ``path``: a WAV (any rate and channels; read
+    and resampled within ``persona.MAX_VOICE_S``, then encoded frame by frame) or a saved
+    voice prompt. On the model's thread."""
     from moshi_mlx import persona
 
     from .loop import SAMPLE_RATE
-    from .options import model_name
-    from .wavio import check_writable, read_wav, resample, temp_beside, to_mono
+    from .wavio import WavReader
 
-    out = check_writable(args.output, args.force)
-    x, rate = read_wav(args.voice)
+    if check_voice_file(path, what) == "safetensors":
+        return persona.load_voice_prompt(path, mimi)
+    with WavReader(path) as r:
+        persona.check_voice_length(r.frames / r.rate, f"{what} {path}")
+        pcm = mono_24k(r)
+    codes = persona.voice_prompt_from_pcm(mimi, pcm, SAMPLE_RATE)
+    if report is not None:
+        report(f"voice prompt: {codes.shape[-1] * 0.08:.1f} s of {path}")
+    return codes
+
+
+def mono_24k(reader):
+    """A WAV's audio (``WavReader``) mixed to mono and resampled to 24 kHz block by block:
+    only the 24 kHz mono result is held (a few MB within ``persona.MAX_VOICE_S``), whatever
+    the file's rate and channel count."""
+    import numpy as np
+
+    from .loop import SAMPLE_RATE
+    from .resample import StreamResampler
+
+    resampler = StreamResampler(reader.rate, SAMPLE_RATE)
+    skip = round(resampler.delay_s * SAMPLE_RATE)  # the resampler's delay, taken out
+    wanted = round(reader.frames * SAMPLE_RATE / reader.rate)
+    block = max(1, reader.rate // 10)
+    pieces, have = [], 0
+    while have < skip + wanted:
+        x = reader.read(block)
+        mono = x.mean(axis=1, dtype=np.float32) if len(x) else np.zeros(block, np.float32)
+        pieces.append(resampler(mono))
+        have += len(pieces[-1])
+    return np.concatenate(pieces)[skip : skip + wanted]
+
+
+def main(args: argparse.Namespace) -> int:
+    import moshi_mlx
+    from moshi_mlx import persona
+    from moshi_mlx.errors import MoshiError
+    from moshi_mlx.outputs import Output
+
+    from .options import model_name
+
+    model_name(args)  # flag errors before any slow work
+    out = Output(args.output, force=args.force, what="--output", inputs={"VOICE": args.voice},
+                 models=[args.hf_path], suffix=".safetensors",
+                 kind="a voice prompt (safetensors)")  # fmt: skip
+    if check_voice_file(args.voice, "VOICE") != "wav":
+        raise MoshiError(f"VOICE {args.voice} is not a WAV recording of the voice")
     mimi = moshi_mlx.load(model_name(args), parts=("mimi",)).mimi
-    codes = persona.voice_prompt_from_pcm(mimi, resample(to_mono(x), rate, SAMPLE_RATE),
-                                          SAMPLE_RATE)  # fmt: skip
-    tmp = temp_beside(out)
-    try:
+    codes = voice_codes(args.voice, mimi, "VOICE")
+    with out.writing() as tmp:
         persona.save_voice_prompt(tmp, codes, mimi)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    print(f"wrote {out}: {codes.shape[-1] * 0.08:.2f} s of voice ({codes.shape[-1]} frames)")
+    print(f"wrote {out.path}: {codes.shape[-1] * 0.08:.2f} s of voice ({codes.shape[-1]} frames)")
     return 0

@@ -3,9 +3,11 @@
 Channel 1 (left): what the microphone heard; channel 2 (right): what the speaker played
 (Moshi), placed on the same timeline; with echo cancellation, channel 3: the microphone as
 cleaned for the model, on the microphone's timeline. Both files are written as the
-conversation goes, at their final names: the WAV's header is kept valid as it grows and each
-transcript line is written when it ends, so a chat killed mid-conversation leaves a playable
-recording missing at most its last second. Neither replaces an existing file unless forced.
+conversation goes, at their final names (the output rule of ``moshi_mlx.outputs`` but for its
+temporary): the WAV's header is kept valid as it grows and each transcript piece is written
+(flushed) as it comes, so a chat killed mid-conversation leaves a playable recording missing
+at most its last second, and its transcript up to the last word. Neither replaces an existing
+file unless forced.
 """
 
 from __future__ import annotations
@@ -23,15 +25,17 @@ from .wavio import WavWriter, create
 
 
 class Transcript:
-    """Text pieces with times, grouped into lines at pauses of ``pause_s`` or more. Each line is
-    handed to ``on_line`` (rendered, with its newline) once the next one starts, or by
-    ``finish``."""
+    """Text pieces with times, grouped into lines at pauses of ``pause_s`` or more. What each
+    piece adds to the rendered text is handed to ``on_text`` at once (a line's start with its
+    time, then its pieces, its newline when the next line starts or at ``finish``), so a
+    file written from it is never more than a piece behind."""
 
-    def __init__(self, pause_s: float = 1.0, on_line=None):
+    def __init__(self, pause_s: float = 1.0, on_text=None):
         self.pause_s = pause_s
-        self.on_line = on_line
+        self.on_text = on_text
         self.lines: list[tuple[float, str]] = []
         self._last_t = -np.inf
+        self._open = False  # a line was started and not ended yet
 
     def add(self, t: float, piece: str) -> None:
         if not piece:
@@ -39,15 +43,23 @@ class Transcript:
         if not self.lines or t - self._last_t >= self.pause_s:
             self.finish()
             self.lines.append((t, piece.lstrip()))
+            self._emit(f"[{_clock(t)}] {piece.lstrip()}")
+            self._open = True
         else:
             start, text = self.lines[-1]
             self.lines[-1] = (start, text + piece)
+            self._emit(piece)
         self._last_t = t
 
     def finish(self) -> None:
-        """Hand the current line on (``on_line``), if any."""
-        if self.lines and self.on_line is not None:
-            self.on_line(_line(*self.lines[-1]))
+        """End the current line, if any."""
+        if self._open:
+            self._open = False
+            self._emit("\n")
+
+    def _emit(self, text: str) -> None:
+        if self.on_text is not None:
+            self.on_text(text)
 
     def render(self) -> str:
         return "".join(_line(t, text) for t, text in self.lines)
@@ -90,19 +102,18 @@ class Recorder:
     ``cleaned``, a third channel holds the cleaned microphone. Thread-safe.
     """
 
-    def __init__(
-        self, path: str | Path, settle: int = SETTLE, cleaned: bool = False, force: bool = False
-    ):
+    def __init__(self, path: str | Path, settle: int = SETTLE, cleaned: bool = False,
+                 force: bool = False, **rule):  # fmt: skip
         self.path = Path(path)
         self.transcript_path = transcript_path(self.path)
-        wav = create(self.path, force)
+        wav = create(self.path, force, suffix=".wav", kind="the recording", **rule)
         try:
-            self._text = create(self.transcript_path, force)
+            self._text = create(self.transcript_path, force, **rule)
         except BaseException:
             wav.close()
             self.path.unlink()
             raise
-        self.transcript = Transcript(on_line=self._write_line)
+        self.transcript = Transcript(on_text=self._write_text)
         self.offset: int | None = None
         self.blocks = 0
         self.settle = settle
@@ -201,9 +212,9 @@ class Recorder:
             else:
                 self.transcript.add(self.time_of(index), piece)
 
-    def _write_line(self, line: str) -> None:
-        with self._failing_writes():
-            self._text.write(line.encode())
+    def _write_text(self, text: str) -> None:
+        with self._failing_writes():  # flushed: a killed chat keeps every word written
+            self._text.write(text.encode())
             self._text.flush()
 
     def close(self) -> tuple[Path, Path]:

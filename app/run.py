@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from moshi_mlx.errors import MoshiError
+from moshi_mlx.outputs import check_input
 
 from .loop import FRAME, FRAME_S, SAMPLE_RATE
 from .options import (
@@ -33,6 +33,7 @@ from .options import (
     sampling_from_args,
 )
 from .resample import StreamResampler
+from .signals import hold_stops, stop_as_interrupt
 from .wavio import AtomicWav, WavReader, check_writable
 
 HELP = "Moshi's answer to a WAV file: IN (any common WAV) -> OUT (24 kHz mono WAV) + transcript"
@@ -71,17 +72,11 @@ def input_frames(reader: WavReader) -> Iterator[np.ndarray]:
             pending, sent = pending[FRAME:], sent + 1
 
 
-def check_output(out: Path, args: argparse.Namespace) -> None:
-    """OUT can be written, is not IN, and is not inside the model's folder."""
-    check_writable(out, args.force)
-    resolved = out.resolve()
-    if resolved == Path(args.input).resolve():
-        raise MoshiError("OUT would overwrite IN")
-    if args.hf_path and Path(args.hf_path).is_dir():
-        if resolved.is_relative_to(Path(args.hf_path).resolve()):
-            raise MoshiError(
-                f"OUT {out} is inside the model folder {args.hf_path}; write elsewhere"
-            )
+def output_rule(args: argparse.Namespace) -> dict:
+    """The output rule's arguments for OUT (``moshi_mlx.outputs``): a WAV, not IN nor the voice
+    prompt, not in the model's folder, replaced only with --force."""
+    inputs = {"IN": args.input, "--voice-prompt": args.voice_prompt}
+    return dict(force=args.force, what="OUT", inputs=inputs, models=[args.hf_path])
 
 
 def main(args: argparse.Namespace) -> int:
@@ -90,12 +85,13 @@ def main(args: argparse.Namespace) -> int:
     from .options import load_model, model_choice, prompt_from_args
     from .progress import Progress
 
+    stop_as_interrupt()  # SIGTERM and SIGHUP stop as Ctrl-C does: OUT kept, shorter
     sampling = sampling_from_args(args)
     model_choice(args)  # flag errors before any slow work
     check_persona_args(args)
     out_path = Path(args.output)
-    check_output(out_path, args)
-    reader = WavReader(args.input)
+    check_writable(out_path, suffix=".wav", kind="run's answer", **output_rule(args))
+    reader = WavReader(check_input(args.input, "IN"))
     if reader.frames == 0:
         raise MoshiError(f"{args.input} holds no audio")
 
@@ -118,7 +114,7 @@ def main(args: argparse.Namespace) -> int:
         pieces, text_ids, compute = [], [], []
         live_text = not args.json
         transcript = Transcript(width=transcript_width())
-        wav = AtomicWav(out_path, 1, SAMPLE_RATE, force=args.force)
+        wav = AtomicWav(out_path, 1, SAMPLE_RATE, **output_rule(args))
         interrupted = False
 
         def collect(_frame, step: Step) -> None:
@@ -143,8 +139,7 @@ def main(args: argparse.Namespace) -> int:
                 drive(driver, input_frames(reader), collect)
         except KeyboardInterrupt:
             interrupted = True
-            # What is left (closing OUT) takes milliseconds: a second Ctrl-C must not lose it.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            hold_stops()  # closing OUT takes milliseconds: a second Ctrl-C must not lose it
         except OSError as e:  # a full disk while writing OUT: nothing half-written is left
             wav.discard()
             raise MoshiError(f"cannot write {out_path}: {e.strerror or e}") from None

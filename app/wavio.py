@@ -12,7 +12,6 @@ sample rate of a whole signal (band-limited, Kaiser-windowed sinc interpolation)
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 import struct
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from moshi_mlx.errors import MoshiError, MoshiWarning
-from moshi_mlx.leftovers import stale, temp_name
+from moshi_mlx.outputs import Output, check_output, create_in_place, open_input
 
 from .resample import kaiser_sinc_bank
 
@@ -43,13 +42,9 @@ class WavReader:
     def __init__(self, path: str | Path):
         self.path = path = Path(path)
         try:
-            self._file = open(path, "rb")
-        except FileNotFoundError:
-            raise WavError(f"{path}: no such file") from None
-        except IsADirectoryError:
-            raise WavError(f"{path} is a folder, not a WAV file") from None
-        except OSError as e:
-            raise WavError(f"{path}: cannot read ({e.strerror})") from None
+            self._file = open_input(path, "the WAV file")
+        except MoshiError as e:
+            raise WavError(str(e)) from None
         try:
             self._parse(os.fstat(self._file.fileno()).st_size)
         except BaseException:
@@ -211,36 +206,36 @@ class WavWriter:
 
 
 class AtomicWav(WavWriter):
-    """A ``WavWriter`` on a temporary file beside ``path``, moved to ``path`` by ``close()``
-    (replacing a file there only with ``force``, see ``check_writable``); ``discard()`` removes
-    it instead. The temporary of a killed process is removed by the next ``AtomicWav`` for the
-    same path."""
+    """A ``WavWriter`` on a temporary file beside ``path``, moved to ``path`` by ``close()``;
+    ``discard()`` removes it instead. ``path`` follows the output rule
+    (``moshi_mlx.outputs.Output``: ``force`` and ``rule`` are its arguments, ``.wav`` its
+    suffix); the temporary of a killed process is removed by the next writer to ``path``."""
 
-    def __init__(self, path: str | Path, channels: int, sample_rate: int, force: bool = True):
-        self.path, self.force = check_writable(path, force), force
-        remove_stale_temps(self.path)
-        self.tmp = temp_beside(self.path)
-        super().__init__(open(self.tmp, "xb"), channels, sample_rate)
+    def __init__(self, path: str | Path, channels: int, sample_rate: int, force: bool = True,
+                 **rule):  # fmt: skip
+        self.output = Output(path, force=force, suffix=".wav", kind="a WAV file", **rule)
+        self.path = self.output.path
+        self.tmp = self.output.start()
+        try:
+            super().__init__(open(self.tmp, "xb"), channels, sample_rate)
+        except BaseException:
+            self.output.discard()
+            raise
 
     def close(self) -> Path:
-        super().close()
         try:
-            check_writable(self.path, self.force)  # again: things change while we compute
-            if not self.force and _link(self.tmp, self.path):
-                self.tmp.unlink()
-            else:
-                os.replace(self.tmp, self.path)
+            super().close()
         except BaseException:
-            self.tmp.unlink(missing_ok=True)
+            self.discard()
             raise
-        return self.path
+        return self.output.commit()
 
     def discard(self) -> None:
         try:
             self.file.close()
-        except OSError:  # its buffer cannot be written (a full disk): the file goes anyway
+        except (OSError, AttributeError):  # a buffer that cannot be written (a full disk)
             pass
-        self.tmp.unlink(missing_ok=True)
+        self.output.discard()
 
     def __enter__(self) -> AtomicWav:
         return self
@@ -252,69 +247,16 @@ class AtomicWav(WavWriter):
             self.discard()
 
 
-def _link(src: Path, dst: Path) -> bool:
-    """Hard-link ``src`` to ``dst``, which never replaces a file (one that appeared a moment
-    ago is refused); False where the file system has no hard links."""
-    try:
-        os.link(src, dst)
-    except FileExistsError:
-        raise MoshiError(f"{dst} appeared meanwhile; it was left untouched") from None
-    except OSError as e:
-        if e.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
-            return False
-        raise
-    return True
+def check_writable(path: str | Path, force: bool = False, **rule) -> Path:
+    """Check, before any slow work, that a new file can be written at ``path`` under the output
+    rule (``moshi_mlx.outputs.check_output``). One line naming the problem otherwise."""
+    return check_output(path, force=force, **rule)
 
 
-def temp_beside(path: Path) -> Path:
-    """A fresh hidden name beside ``path``, for a file renamed to ``path`` once written."""
-    return temp_name(path, "writing")
-
-
-def remove_stale_temps(path: Path) -> None:
-    """Remove the ``temp_beside(path)`` files of processes that are gone (killed mid-write)."""
-    for tmp in stale(path, ("writing",)):
-        if tmp.is_file():
-            tmp.unlink(missing_ok=True)
-
-
-def check_writable(path: str | Path, force: bool = False) -> Path:
-    """Check, before any slow work, that a new file can be written at ``path``: its folder
-    exists and is writable, its name fits the file system, and nothing is in the way (a
-    symbolic link is never written through, anything but a regular file never replaced, a
-    regular file only with ``force``). One line naming the problem otherwise."""
-    path = Path(path)
-    folder = path.parent
-    if len(os.fsencode(path.name)) > 255 or len(os.fsencode(str(path.absolute()))) >= 4096:
-        raise MoshiError(f"the path {str(path)[:40]}... is too long for this file system")
-    if not folder.is_dir():
-        raise MoshiError(f"the folder of {path} ({folder}) does not exist")
-    if len(os.fsencode(path.name)) > os.pathconf(folder, "PC_NAME_MAX"):
-        raise MoshiError(f"the file name {path.name[:40]}... is too long for this file system")
-    if path.is_symlink():
-        raise MoshiError(f"{path} is a symbolic link; refusing to write through it")
-    if path.exists():
-        if not path.is_file():
-            raise MoshiError(f"{path} exists and is not a regular file; pick another name")
-        if not force:
-            raise MoshiError(f"{path} exists; pick another name, or pass --force to overwrite it")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise MoshiError(f"cannot write to the folder {folder}")
-    return path
-
-
-def create(path: str | Path, force: bool = False):
-    """Open a new file at ``path`` for writing (binary), after ``check_writable``; the open
-    itself never follows a link, nor replaces a file that appeared since unless ``force``."""
-    path = check_writable(path, force)
-    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        fd = os.open(path, flags | (os.O_TRUNC if force else os.O_EXCL), 0o666)
-    except FileExistsError:
-        raise MoshiError(
-            f"{path} exists; pick another name, or pass --force to overwrite it"
-        ) from None
-    return os.fdopen(fd, "wb")
+def create(path: str | Path, force: bool = False, **rule):
+    """Open a new file at ``path`` itself for writing (binary), under the output rule; the open
+    never follows a link, nor replaces a file that appeared since unless ``force``."""
+    return create_in_place(path, force=force, **rule)
 
 
 def to_mono(x: np.ndarray) -> np.ndarray:

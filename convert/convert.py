@@ -61,6 +61,7 @@ from .output import (
     INDEX_FILE,
     MIMI_FILE,
     check_destination,
+    check_names,
     move_into_place,
     remove_stale,
     temp_folder,
@@ -318,6 +319,7 @@ def _write_folder(
     sizes = {k: a.nbytes for k, a in lm.items()}
     shards = plan_shards(sizes, max_shard_bytes)
     names = shard_names(len(shards))
+    check_names(names, files.tokenizer)
     total = sum(sizes.values()) + sum(a.nbytes for a in mimi.values())
     done = 0
 
@@ -343,29 +345,27 @@ def _write_folder(
     }
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_folder(out, "converting")
+    tmp = temp_folder(out)
     try:
         weight_map = {}
         for shard, file_name in zip(shards, names, strict=True):
             part = {k: lm.pop(k) for k in shard}
-            write_safetensors(tmp / file_name, part, {"format": "mlx"}, tick, check_finite)
+            write_safetensors(tmp.add(file_name), part, {"format": "mlx"}, tick, check_finite)
             weight_map.update(dict.fromkeys(shard, file_name))
         index = {
             "metadata": {"total_size": sum(sizes.values())},
             "weight_map": dict(sorted(weight_map.items())),
         }
-        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=4))
-        write_safetensors(tmp / MIMI_FILE, mimi, {"format": "mlx"}, tick, check_finite)
-        shutil.copyfile(tokenizer, tmp / tokenizer.name)
-        (tmp / "config.json").write_text(config_json(config))
-        (tmp / "README.md").write_text(_model_card(out.name, config, origin))
+        tmp.add(INDEX_FILE).write_text(json.dumps(index, indent=4))
+        write_safetensors(tmp.add(MIMI_FILE), mimi, {"format": "mlx"}, tick, check_finite)
+        shutil.copyfile(tokenizer, tmp.add(tokenizer.name))
+        tmp.add("config.json").write_text(config_json(config))
+        tmp.add("README.md").write_text(_model_card(out.name, config, origin))
         move_into_place(tmp, out, force, inputs)
     except OSError as e:  # a full disk, a quota, a folder that went away: nothing is left
-        shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot write {out}: {e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finally:
+        tmp.close()  # whatever is left of it (all of it, unless it was moved into place)
     return ConversionResult(
         path=out,
         lm_files=names,

@@ -1,42 +1,49 @@
 """Where a conversion lands: a temporary folder beside the destination, moved into place at the
 end without ever deleting what the user did not ask to replace.
 
-Temporary folders are named ``.NAME.converting-PID-XXXXXXXX`` (and ``.NAME.old-PID-...`` for an
-earlier conversion being replaced), so that the next conversion to the same destination can
-tell those of a killed process from those of one still running, and remove them.
+The temporary folder is a ``moshi_mlx.leftovers.Temporary`` (``.NAME.converting-...``): locked
+while its conversion runs and listing every file it writes, so that the next conversion to the
+same destination removes it only if its writer is gone and it holds nothing else. An earlier
+conversion being replaced is moved into such a folder of its own before it is removed.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
-import shutil
 from pathlib import Path
 
+from moshi_mlx import leftovers
 from moshi_mlx.errors import MoshiError
-from moshi_mlx.leftovers import stale, temp_name
+from moshi_mlx.leftovers import Temporary
 from moshi_mlx.loading import is_converted, read_json
+from moshi_mlx.outputs import hf_cache, is_model_folder, rename_no_replace
 
-KINDS = ("converting", "old")
+KIND = "converting"
 MIMI_FILE = "mimi.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+OWN_FILES = ("config.json", "README.md", INDEX_FILE, MIMI_FILE)  # beside the LM's shards
 
 
-def temp_folder(out: Path, kind: str) -> Path:
-    """A fresh temporary folder beside ``out`` (with the usual permissions)."""
-    tmp = temp_name(out, kind)
-    tmp.mkdir()
-    return tmp
+def temp_folder(out: Path) -> Temporary:
+    """A fresh temporary folder beside ``out``; its files are made at ``tmp.add(name)``."""
+    return Temporary(out, KIND, folder=True)
 
 
 def remove_stale(out: Path) -> list[Path]:
-    """Remove the temporary folders that killed conversions to ``out`` left behind (those of
-    a conversion still running stay). Returns what was removed."""
-    removed = [path for path in stale(out, KINDS) if path.is_dir()]
-    for path in removed:
-        shutil.rmtree(path)
-    return removed
+    """Remove the temporary folders that killed conversions to ``out`` left behind (never one
+    whose conversion still runs, nor anything not provably ours). Returns what was removed."""
+    return leftovers.remove_stale(out, (KIND,))
+
+
+def check_names(lm_files: list[str], tokenizer: Path) -> None:
+    """Refuse a tokenizer whose file name is one the converted folder gives its own files (it
+    would overwrite them)."""
+    if tokenizer.name in (*OWN_FILES, *lm_files) or not leftovers.plain_name(tokenizer.name):
+        raise MoshiError(
+            f"the tokenizer's file name {tokenizer.name!r} is one the converted folder uses for "
+            "its own files; copy it under another name (e.g. tokenizer.model) and give that "
+            "with `tokenizer`"
+        )
 
 
 def _unexpected(out: Path) -> list[str]:
@@ -55,7 +62,14 @@ def _unexpected(out: Path) -> list[str]:
 def check_destination(out: Path, force: bool, inputs: list[Path]) -> None:
     """Refuse a destination holding anything but an earlier conversion (with ``force``) or
     nothing at all, and never one holding the inputs; and one that cannot be written."""
+    models = [p.parent for p in inputs if is_model_folder(p.parent)]
+    for folder in (*models, hf_cache()):
+        inside = out.absolute().resolve().parents  # (out itself: "holds the input" below)
+        if folder.is_dir() and folder.resolve() in inside:
+            raise MoshiError(f"{out} is inside the model folder {folder}; pick another `mlx_path`")
     existing = next(p for p in out.absolute().parents if p.exists())
+    if is_model_folder(existing):
+        raise MoshiError(f"{out} is inside a model folder ({existing}); pick another `mlx_path`")
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise MoshiError(f"cannot write {out}: {existing} is not writable; pick another `mlx_path`")
     if not out.exists() and not out.is_symlink():
@@ -77,56 +91,31 @@ def check_destination(out: Path, force: bool, inputs: list[Path]) -> None:
         )
 
 
-def _renameat2(src: Path, dst: Path) -> int | None:
-    """``rename`` that fails if ``dst`` exists (Linux ``renameat2(RENAME_NOREPLACE)``, macOS
-    ``renamex_np(RENAME_EXCL)``); the errno, 0 on success, None where neither exists."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if hasattr(libc, "renameat2"):
-        at_fdcwd, noreplace = -100, 1
-        r = libc.renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), noreplace)
-    elif hasattr(libc, "renamex_np"):
-        r = libc.renamex_np(os.fsencode(src), os.fsencode(dst), 0x4)  # RENAME_EXCL
-    else:
-        return None
-    return ctypes.get_errno() if r else 0
-
-
-def rename_no_replace(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``; ``FileExistsError`` if something is at ``dst``, even if it
-    appeared a moment ago."""
-    err = _renameat2(src, dst)
-    if err in (None, errno.EINVAL, errno.ENOSYS):  # no such call here, or not on this filesystem
-        if dst.exists() or dst.is_symlink():
-            err = errno.EEXIST
-        else:
-            os.rename(src, dst)
-            return
-    if err in (errno.EEXIST, errno.ENOTEMPTY):
-        raise FileExistsError(errno.EEXIST, "exists", str(dst))
-    if err:
-        raise OSError(err, os.strerror(err), str(dst))
-
-
-def move_into_place(tmp: Path, out: Path, force: bool, inputs: list[Path]) -> None:
-    """Move the finished folder ``tmp`` to ``out``. What is at ``out`` now is checked again
-    (it may have appeared, or changed, during the conversion); an earlier conversion is
-    removed only once the new one is in place."""
+def move_into_place(tmp: Temporary, out: Path, force: bool, inputs: list[Path]) -> None:
+    """Move the finished folder ``tmp.payload`` to ``out``. What is at ``out`` now is checked
+    again (it may have appeared, or changed, during the conversion); an earlier conversion is
+    moved into a temporary of its own and removed only once the new one is in place."""
     check_destination(out, force, inputs)
     old = None
-    if out.exists():
-        old = temp_folder(out, "old")
-        old.rmdir()
-        rename_no_replace(out, old)
     try:
-        rename_no_replace(tmp, out)
-    except FileExistsError:
-        raise MoshiError(
-            f"{out} appeared while converting; it was left untouched and this conversion "
-            "discarded; pick another `mlx_path`, or pass `force` to replace an earlier conversion"
-        ) from None
-    except BaseException:
+        if out.exists():
+            old = temp_folder(out)
+            for name in os.listdir(out):  # all ours: check_destination made sure
+                old.add(name)
+            old.payload.rmdir()
+            rename_no_replace(out, old.payload)
+        try:
+            rename_no_replace(tmp.payload, out)
+        except FileExistsError:
+            raise MoshiError(
+                f"{out} appeared while converting; it was left untouched and this conversion "
+                "discarded; pick another `mlx_path`, or pass `force` to replace an earlier "
+                "conversion"
+            ) from None
+        except BaseException:
+            if old is not None:
+                rename_no_replace(old.payload, out)
+            raise
+    finally:
         if old is not None:
-            rename_no_replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+            old.close()

@@ -461,25 +461,6 @@ def test_a_killed_conversion_leaves_nothing_the_next_one_keeps(tmp_path, pytorch
     assert moshi_mlx.load(out).lm.cfg.dim == 512
 
 
-def test_a_killed_writers_temporary_is_removed_by_the_next_writer(tmp_path):
-    """Only the temporaries of processes that are gone: not a running writer's, not a
-    symbolic link, not a file that merely looks alike."""
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    out = tmp_path / "take[1].wav"
-    dead = tmp_path / f".take[1].wav.writing-{gone.pid}-0123abcd"
-    running = tmp_path / f".take[1].wav.writing-{os.getpid()}-0123abcd"
-    unlike = tmp_path / f".take[1].wav.writing-{gone.pid}-notours"
-    link = tmp_path / f".take[1].wav.writing-{gone.pid}-4567cdef"
-    for path in (dead, running, unlike):
-        path.write_bytes(b"partial")
-    link.symlink_to(dead)
-    write_wav(out, np.zeros((2400, 1), np.float32), 24000)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        p.name for p in (out, running, unlike, link)
-    )
-
-
 @pytest.fixture
 def small_disk(tmp_path):
     """A 3 MB file system."""
