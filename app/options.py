@@ -85,7 +85,8 @@ def quantization_from_args(args: argparse.Namespace):
         return None
     if args.quantize and args.bits is not None and args.bits != args.quantize:
         raise MoshiError(f"-q {args.quantize} and --q-bits {args.bits} disagree; give one")
-    return Quantization(args.quantize or args.bits or DEFAULT_BITS, args.group_size)
+    bits = args.quantize or (DEFAULT_BITS if args.bits is None else args.bits)  # never 0 -> 4
+    return Quantization(bits, args.group_size)
 
 
 def add_engine_arguments(group) -> None:

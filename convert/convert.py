@@ -41,7 +41,7 @@ from moshi_mlx.memory import max_rss_bytes
 from moshi_mlx.quantize import Quantization, QuantizeReport, quantize_report
 from moshi_mlx.weights import (
     CheckpointError,
-    check_finite,
+    check_weight,
     checkpoint_kind,
     float_dtype,
     read_safetensors,
@@ -173,10 +173,11 @@ def convert(
     # fail now on a bad tokenizer, not after the LM
     check_tokenizer(load_tokenizer(files.tokenizer), files.lm_config, files.tokenizer)
     # Lazy: the tensors are read, cast and quantized only as they are written.
-    lm_model = load_lm(files.lm_weights, files.lm_config, as_dtype(dtype), quantize)
+    lm_model = load_lm(files.lm_weights, files.lm_config, as_dtype(dtype), quantize, lazy=True)
     report = quantize_report(lm_model)
     lm = dict(tree_flatten(lm_model.parameters()))
-    mimi = dict(tree_flatten(load_mimi(files.mimi_weights, files.mimi_config).parameters()))
+    mimi = load_mimi(files.mimi_weights, files.mimi_config, lazy=True)
+    mimi = dict(tree_flatten(mimi.parameters()))
     del lm_model
     stored_dtype = float_dtype(lm)
 
@@ -220,14 +221,14 @@ def convert(
         weight_map = {}
         for shard, file_name in zip(shards, names, strict=True):
             part = {k: lm.pop(k) for k in shard}
-            write_safetensors(tmp / file_name, part, {"format": "mlx"}, tick, check_finite)
+            write_safetensors(tmp / file_name, part, {"format": "mlx"}, tick, check_weight)
             weight_map.update(dict.fromkeys(shard, file_name))
         index = {
             "metadata": {"total_size": sum(sizes.values())},
             "weight_map": dict(sorted(weight_map.items())),
         }
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=4))
-        write_safetensors(tmp / MIMI_FILE, mimi, {"format": "mlx"}, tick, check_finite)
+        write_safetensors(tmp / MIMI_FILE, mimi, {"format": "mlx"}, tick, check_weight)
         shutil.copyfile(files.tokenizer, tmp / files.tokenizer.name)
         save_config(dict(config), tmp / "config.json")
         (tmp / "README.md").write_text(_model_card(out.name, config, source))

@@ -49,6 +49,7 @@ class MimiConfig:
         unknown keys are ignored, options we do not implement refused."""
         if not isinstance(d, dict):
             raise MoshiError(f"Mimi config must be an object, got {type(d).__name__}")
+        choice("Mimi config", "channels", d.get("channels", 1), (1,))  # mono only
         parts = {name: d.get(name, {}) for name in ("seanet", "transformer", "quantizer")}
         for name, sub in parts.items():
             if not isinstance(sub, dict):
@@ -205,6 +206,12 @@ class Mimi(nn.Module):
             )
         if n == 0:
             raise MoshiError("`pcm` is empty")
+        # NaN or infinite samples would encode to meaningless codes (all zeros) without a word
+        # (checked on the CPU stream: it never waits for the GPU's queue)
+        if not mx.all(mx.isfinite(pcm), stream=mx.cpu).item():
+            raise MoshiError(
+                "`pcm` holds NaN or infinite samples; give finite audio (e.g. in [-1, 1])"
+            )
         if streaming:
             self._encode_batch = self._same_batch("encode_step", self._encode_batch, pcm.shape[0])
 
