@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import validate
 from .errors import MoshiError, MoshiWarning
 from .lm import Lm, LmConfig
 from .memory import check_config_fits, check_fits, param_bytes
@@ -70,7 +71,8 @@ def _config(config, default, from_dict, what: str, source: str | Path | None):
     if config is None:
         return default()
     if not isinstance(config, (dict, str, Path)):
-        return config
+        kind = default().__class__
+        return validate.instance("config", config, kind, f"{kind.__name__}, a dict or a path")
     if not isinstance(config, dict):
         source, config = config, read_json(config, what)
     try:
@@ -112,6 +114,8 @@ def load_mimi(
     ``Mimi.place``; default MLX's default device). The weights are read now and refused if NaN
     or infinite, unless ``lazy`` (then ``materialize`` does it).
     """
+    weights = validate.path("weights", weights)
+    device = validate.device("device", device)
     cfg = as_mimi_config(config)
     model = Mimi(cfg)
     raw = read_safetensors(weights)
@@ -149,7 +153,8 @@ def load_lm(
     NaN, infinite or (quantized) out of range, unless ``lazy``: then nothing is read until
     used, and ``materialize`` reads and checks them.
     """
-    paths = [Path(weights)] if isinstance(weights, (str, Path)) else [Path(p) for p in weights]
+    paths = validate.paths("weights", weights)
+    validate.instance("quantize", quantize, Quantization, "a Quantization", optional=True)
     cfg = as_lm_config(config, weights=paths)
     model = Lm(cfg)
     params, source = read_lm_weights(paths, cfg)
@@ -613,6 +618,14 @@ def load(
     (``memory.check_fits``: a one-line ``MoshiError`` naming a quantization that would fit;
     configs that cannot fit in any form are refused before anything is built).
     """
+    validate.path("path_or_repo_id", path_or_repo_id)
+    if isinstance(parts, str) or not isinstance(parts, Collection):
+        raise MoshiError(f"`parts` must be a list of {', '.join(PARTS)}, got {parts!r}")
+    validate.instance("quantize", quantize, Quantization, "a Quantization", optional=True)
+    mimi_device = validate.device("mimi_device", mimi_device)
+    as_dtype(dtype)
+    if progress is not None and not callable(progress):
+        raise MoshiError(f"`progress` must be a function (done, total), got {progress!r}")
     files = find_model_files(model_folder(path_or_repo_id, parts), parts=parts)
     if check_memory:  # at once, before building anything
         check_config_fits(files.lm_config if files.lm_weights is not None else None,

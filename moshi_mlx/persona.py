@@ -13,8 +13,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from . import validate
 from .errors import MoshiError
+from .lm import Lm
 from .loudness import normalize_loudness
+from .mimi import Mimi
 
 VOICE_PROMPT_LUFS = -24.0  # NVIDIA normalises the voice recording to this before encoding
 VOICE_PROMPT_FORMAT = "moshi-mlx.voice-prompt.v1"
@@ -25,7 +28,7 @@ def is_persona_model(lm) -> bool:
     """Whether the LM was trained for system prompts (PersonaPlex: its config says so, or its
     depformer also predicts the user's stream). Prompting another model works but is not
     what it was trained for; ``LmGen.system_prompt`` warns then."""
-    return lm.cfg.persona
+    return validate.instance("lm", lm, Lm, "an Lm").cfg.persona
 
 
 def wrap_with_system_tags(text: str) -> str:
@@ -39,6 +42,9 @@ def wrap_with_system_tags(text: str) -> str:
 
 def text_prompt_tokens(tokenizer, text: str) -> list[int]:
     """Token ids of a text prompt (``tokenizer``: the model's SentencePiece processor)."""
+    text = validate.text("text", text)
+    if not callable(getattr(tokenizer, "encode", None)):
+        raise MoshiError(f"`tokenizer` must be a SentencePiece processor, got {tokenizer!r}")
     return list(tokenizer.encode(wrap_with_system_tags(text)))
 
 
@@ -50,6 +56,7 @@ def voice_prompt_from_pcm(mimi, pcm: np.ndarray, sample_rate: int) -> mx.array:
     pads it, so ``F = ceil(T / 1920)``) and encoded frame by frame with ``encode_step`` from a
     fresh stream. Mimi is reset before and after: the conversation's stream starts fresh.
     """
+    validate.instance("mimi", mimi, Mimi, "a Mimi")
     if sample_rate != mimi.sample_rate:
         raise MoshiError(
             f"the voice recording is at {sample_rate} Hz; resample it to {mimi.sample_rate} Hz"
@@ -90,12 +97,19 @@ def _codec(mimi) -> dict[str, str]:
 def save_voice_prompt(path: str | Path, codes: mx.array, mimi) -> None:
     """Save voice-prompt codes ``[1, 8, F]`` (``voice_prompt_from_pcm``) as safetensors, with a
     format tag and what ``load_voice_prompt`` checks of the codec (``mimi``) they belong to."""
+    path = validate.path("path", path)
+    validate.instance("mimi", mimi, Mimi, "a Mimi")
+    validate.instance("codes", codes, (mx.array, np.ndarray), "an integer mx.array")
     codes = mx.array(codes)
     if codes.ndim != 3 or codes.shape[:2] != (1, VOICE_PROMPT_CODEBOOKS):
         raise MoshiError(
             f"voice prompt codes must be [1, {VOICE_PROMPT_CODEBOOKS}, frames], got "
             f"{list(codes.shape)}"
         )
+    bins = mimi.cfg.bins
+    ok = mx.issubdtype(codes.dtype, mx.integer) and codes.size > 0
+    if not ok or mx.min(codes).item() < 0 or mx.max(codes).item() >= bins:
+        raise MoshiError(f"voice prompt codes must be integers in [0, {bins}), at least one frame")
     from safetensors.numpy import save_file
 
     metadata = {"format": VOICE_PROMPT_FORMAT, **_codec(mimi)}
@@ -106,7 +120,8 @@ def save_voice_prompt(path: str | Path, codes: mx.array, mimi) -> None:
 def load_voice_prompt(path: str | Path, mimi) -> mx.array:
     """Voice-prompt codes ``[1, 8, F]`` saved by ``save_voice_prompt``; refuses files made for
     another codec than ``mimi``, files of another kind, and NVIDIA's ``.pt`` voice files."""
-    path = Path(path)
+    path = validate.path("path", path)
+    validate.instance("mimi", mimi, Mimi, "a Mimi")
     if path.suffix == ".pt":
         raise MoshiError(
             f"{path}: NVIDIA's .pt voice prompts are torch pickles, which we never load; make "

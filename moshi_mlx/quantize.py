@@ -32,11 +32,11 @@ class Quantization:
     group_size: int | None = None
 
     def __post_init__(self):
-        if self.bits not in BITS or isinstance(self.bits, bool):
+        if type(self.bits) is not int or self.bits not in BITS:
             raise MoshiError(f"quantization `bits` must be 4 or 8, got {self.bits!r}")
         if self.group_size is None:
             object.__setattr__(self, "group_size", DEFAULT_GROUP_SIZE[self.bits])
-        elif self.group_size not in GROUP_SIZES or isinstance(self.group_size, bool):
+        elif type(self.group_size) is not int or self.group_size not in GROUP_SIZES:
             raise MoshiError(
                 f"quantization `group_size` must be 32, 64 or 128, got {self.group_size!r}"
             )

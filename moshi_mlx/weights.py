@@ -258,7 +258,7 @@ def check_safetensors(path: Path) -> None:
             raise bad("truncated or corrupt: header larger than the file")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # not JSON, nested too deeply, huge integers
             raise bad("truncated or corrupt: header is not JSON") from None
     if not isinstance(header, dict):
         raise bad("header is not an object")
