@@ -55,6 +55,8 @@ def _unexpected(out: Path) -> list[str]:
 def check_destination(out: Path, force: bool, inputs: list[Path]) -> None:
     """Refuse a destination holding anything but an earlier conversion (with ``force``) or
     nothing at all, and never one holding the inputs; and one that cannot be written."""
+    if out.name in ("", ".", ".."):  # "" is "."; the folder we stand in cannot be replaced
+        raise MoshiError(f"`mlx_path` {str(out)!r} names no new folder; give one, e.g. mlx_model")
     existing = next(p for p in out.absolute().parents if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise MoshiError(f"cannot write {out}: {existing} is not writable; pick another `mlx_path`")
