@@ -15,7 +15,7 @@ import numpy as np
 
 from . import validate
 from .errors import MoshiError
-from .lm import Lm
+from .lm import LmConfig
 from .loudness import normalize_loudness
 from .mimi import Mimi
 
@@ -28,7 +28,8 @@ def is_persona_model(lm) -> bool:
     """Whether the LM was trained for system prompts (PersonaPlex: its config says so, or its
     depformer also predicts the user's stream). Prompting another model works but is not
     what it was trained for; ``LmGen.system_prompt`` warns then."""
-    return validate.instance("lm", lm, Lm, "an Lm").cfg.persona
+    validate.instance("lm.cfg", getattr(lm, "cfg", None), LmConfig, "an LmConfig (`lm` an Lm)")
+    return lm.cfg.persona
 
 
 def wrap_with_system_tags(text: str) -> str:

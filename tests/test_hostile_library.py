@@ -259,10 +259,10 @@ def test_invalid_repo_ids_are_one_line(tmp_path, name):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     r = moshi_mlx_cmd("run", speech_wav(tmp_path / "in.wav"), tmp_path / "o.wav", "--hf-path",
                       name, cwd=tmp_path, env=env)  # fmt: skip
-    cli_error(r, name, "not a valid Hugging Face repo id")
+    cli_error(r, name, "nor is it a valid Hugging Face repo id")
     with pytest.raises(MoshiError) as e:
         moshi_mlx.load(name)
-    one_line(e, "not a valid Hugging Face repo id")
+    one_line(e, "nor is it a valid Hugging Face repo id")
 
 
 def folder_with_config(tmp_path: Path, model_dir: Path, text: str) -> Path:
@@ -441,7 +441,7 @@ BAD_CALLS = [
      "voice prompt codes must be integers in [0, 2048)"),
     (lambda lm, mimi: persona.load_voice_prompt(5, mimi), "`path` must be a path"),
     (lambda lm, mimi: persona.load_voice_prompt("v.safetensors", None), "`mimi` must be a Mimi"),
-    (lambda lm, mimi: persona.is_persona_model(None), "`lm` must be an Lm"),
+    (lambda lm, mimi: persona.is_persona_model(None), "`lm.cfg` must be an LmConfig"),
 ]  # fmt: skip
 
 
