@@ -101,7 +101,7 @@ def choose_devices(
         except ValueError as e:  # no or several matches for a name
             first = str(e).splitlines()[0].rstrip(":")
             raise MoshiError(f"{first} ({LIST_HINT})") from None
-        except sd.PortAudioError:
+        except (sd.PortAudioError, OverflowError):  # OverflowError: an index past C's int
             if dev is None:
                 raise MoshiError(
                     f"no {kind} device found (is a {'microphone' if kind == 'input' else 'speaker'}"

@@ -107,7 +107,8 @@ def quantization_from_args(args: argparse.Namespace):
         raise MoshiError(f"-q {args.quantize} and --q-bits {args.bits} disagree; give one")
     from moshi_mlx.quantize import Quantization  # (imports MLX)
 
-    return Quantization(args.quantize or args.bits or DEFAULT_BITS, args.group_size)
+    bits = args.quantize or (DEFAULT_BITS if args.bits is None else args.bits)  # never 0 -> 4
+    return Quantization(bits, args.group_size)
 
 
 def add_engine_arguments(group) -> None:

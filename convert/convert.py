@@ -51,7 +51,7 @@ from moshi_mlx.random_weights import (
 )
 from moshi_mlx.weights import (
     CheckpointError,
-    check_finite,
+    check_weight,
     checkpoint_kind,
     float_dtype,
     read_safetensors,
@@ -133,14 +133,14 @@ def _inputs(
     if "lm" in found:
         files = found["lm"]
         try:
-            lm = load_lm(files.lm_weights, files.lm_config, as_dtype(dtype), quantize)
+            lm = load_lm(files.lm_weights, files.lm_config, as_dtype(dtype), quantize, lazy=True)
         except MoshiError as e:
             assumed = lm_config is None and files.lm_config == LmConfig.moshi_7b()
             problems.append(f"{e}{_assumed('Moshi 7B', 'lm_config') if assumed else ''}")
     if "mimi" in found:
         files = found["mimi"]
         try:
-            mimi = load_mimi(files.mimi_weights, files.mimi_config)
+            mimi = load_mimi(files.mimi_weights, files.mimi_config, lazy=True)
         except MoshiError as e:
             assumed = mimi_config is None and files.mimi_config == MimiConfig()
             problems.append(
@@ -319,7 +319,7 @@ def _write_folder(
     sizes = {k: a.nbytes for k, a in lm.items()}
     shards = plan_shards(sizes, max_shard_bytes)
     names = shard_names(len(shards))
-    check_names(names, files.tokenizer)
+    check_names(names, tokenizer)
     total = sum(sizes.values()) + sum(a.nbytes for a in mimi.values())
     done = 0
 
@@ -350,14 +350,14 @@ def _write_folder(
         weight_map = {}
         for shard, file_name in zip(shards, names, strict=True):
             part = {k: lm.pop(k) for k in shard}
-            write_safetensors(tmp.add(file_name), part, {"format": "mlx"}, tick, check_finite)
+            write_safetensors(tmp.add(file_name), part, {"format": "mlx"}, tick, check_weight)
             weight_map.update(dict.fromkeys(shard, file_name))
         index = {
             "metadata": {"total_size": sum(sizes.values())},
             "weight_map": dict(sorted(weight_map.items())),
         }
         tmp.add(INDEX_FILE).write_text(json.dumps(index, indent=4))
-        write_safetensors(tmp.add(MIMI_FILE), mimi, {"format": "mlx"}, tick, check_finite)
+        write_safetensors(tmp.add(MIMI_FILE), mimi, {"format": "mlx"}, tick, check_weight)
         shutil.copyfile(tokenizer, tmp.add(tokenizer.name))
         tmp.add("config.json").write_text(config_json(config))
         tmp.add("README.md").write_text(_model_card(out.name, config, origin))

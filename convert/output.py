@@ -62,6 +62,8 @@ def _unexpected(out: Path) -> list[str]:
 def check_destination(out: Path, force: bool, inputs: list[Path]) -> None:
     """Refuse a destination holding anything but an earlier conversion (with ``force``) or
     nothing at all, and never one holding the inputs; and one that cannot be written."""
+    if out.name in ("", ".", ".."):  # "" is "."; the folder we stand in cannot be replaced
+        raise MoshiError(f"`mlx_path` {str(out)!r} names no new folder; give one, e.g. mlx_model")
     models = [p.parent for p in inputs if is_model_folder(p.parent)]
     for folder in (*models, hf_cache()):
         inside = out.absolute().resolve().parents  # (out itself: "holds the input" below)

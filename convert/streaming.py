@@ -14,6 +14,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from moshi_mlx.weights import reading_weights
+
 _DTYPES = {
     mx.bool_: "BOOL", mx.uint8: "U8", mx.int8: "I8", mx.uint16: "U16", mx.int16: "I16",
     mx.uint32: "U32", mx.int32: "I32", mx.uint64: "U64", mx.int64: "I64",
@@ -50,7 +52,8 @@ def write_safetensors(
         f.write(blob)
         for name in names:
             a = mx.contiguous(tensors.pop(name))
-            mx.eval(a)
+            with reading_weights():
+                mx.eval(a)
             if check is not None:
                 check(name, a)
             f.write(memoryview(a))

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import mlx.core as mx
 
+from . import validate
 from .errors import MoshiError, MoshiWarning
 from .lm import Lm
 from .pieces import boundary, evaluating_in_pieces
@@ -49,6 +50,12 @@ class LmGen:
     def __init__(self, lm: Lm, sampling: Sampling | None = None, **fields):
         if sampling is not None and fields:
             raise MoshiError("LmGen takes a Sampling or its fields as keywords, not both")
+        validate.instance("lm", lm, Lm, "an Lm (moshi_mlx.load_lm, or load(...).lm)")
+        validate.instance("sampling", sampling, Sampling, "a Sampling", optional=True)
+        unknown = sorted(set(fields) - set(Sampling.__dataclass_fields__))
+        if unknown:
+            names = ", ".join(Sampling.__dataclass_fields__)
+            raise MoshiError(f"LmGen: unknown sampling field(s) {', '.join(unknown)} ({names})")
         self.sampling = sampling = sampling or Sampling(**fields)
         self.lm = lm
         self.cfg = cfg = lm.cfg
@@ -79,9 +86,12 @@ class LmGen:
 
     # -- input checks --------------------------------------------------------------------------
 
-    def _check_codes(self, name: str, codes, shape: tuple, card: int, what: str) -> None:
+    def _check_codes(
+        self, name: str, codes, shape: tuple, card: int, what: str, values: bool = True
+    ) -> None:
         """``codes``: an mx.array of integers in ``[0, card)`` shaped like ``shape`` (an int:
-        that size; a name: any size >= 1); else a MoshiError naming ``name``."""
+        that size; a name: any size >= 1); else a MoshiError naming ``name``. Without
+        ``values`` the range is not checked (it costs a host sync; the embeddings clip)."""
         if not isinstance(codes, mx.array):
             raise MoshiError(f"{name} must be an mx.array, got {kind(codes)}")
         fits = codes.ndim == len(shape) and all(
@@ -93,6 +103,8 @@ class LmGen:
             raise MoshiError(f"{name} must be [{expected}] ({what}), got shape {list(codes.shape)}")
         if not mx.issubdtype(codes.dtype, mx.integer):
             raise MoshiError(f"{name} must be integers, got {kind(codes)}")
+        if not values:
+            return
         lo, hi = mx.min(codes).item(), mx.max(codes).item()
         if lo < 0 or hi >= card:
             raise MoshiError(f"{name} must be in [0, {card}), got values in [{lo}, {hi}]")
@@ -107,21 +119,21 @@ class LmGen:
     def _given_streams(self, user_codes, moshi_codes, text_token, check: bool) -> dict:
         """The tokens given for this frame, ``{stream: [B] int32}``."""
         cfg = self.cfg
-        if check:
-            args = [("user_codes", user_codes, ("batch", cfg.n_user), cfg.card,
-                     "one frame of the user's audio codes")]  # fmt: skip
-            if moshi_codes is not None:
-                args.append(("moshi_codes", moshi_codes, ("batch", cfg.dep_q), cfg.card,
-                             "one frame of Moshi's audio codes"))  # fmt: skip
-            if text_token is not None:
-                args.append(("text_token", text_token, ("batch",), cfg.text_card,
-                             "Moshi's text token"))  # fmt: skip
-            for name, codes, *rest in args:
-                self._check_codes(name, codes, *rest)
-                self._check_batch(name, codes.shape[0])
-            sizes = {name: codes.shape[0] for name, codes, *_ in args}
-            if len(set(sizes.values())) > 1:
-                raise MoshiError(f"the given codes differ in batch size: {sizes}")
+        # Types and shapes always (no sync); the values only with ``check``.
+        args = [("user_codes", user_codes, ("batch", cfg.n_user), cfg.card,
+                 "one frame of the user's audio codes")]  # fmt: skip
+        if moshi_codes is not None:
+            args.append(("moshi_codes", moshi_codes, ("batch", cfg.dep_q), cfg.card,
+                         "one frame of Moshi's audio codes"))  # fmt: skip
+        if text_token is not None:
+            args.append(("text_token", text_token, ("batch",), cfg.text_card,
+                         "Moshi's text token"))  # fmt: skip
+        for name, codes, *rest in args:
+            self._check_codes(name, codes, *rest, values=check)
+            self._check_batch(name, codes.shape[0])
+        sizes = {name: codes.shape[0] for name, codes, *_ in args}
+        if len(set(sizes.values())) > 1:
+            raise MoshiError(f"the given codes differ in batch size: {sizes}")
         self._batch = user_codes.shape[0]
         given = {cfg.dep_q + 1 + i: user_codes[:, i] for i in range(cfg.n_user)}
         if moshi_codes is not None:
@@ -177,13 +189,15 @@ class LmGen:
         ``moshi_codes`` ``[B, dep_q]`` / ``text_token`` ``[B]``: Moshi's own audio frame / text
         token for this frame, given like the user's (read at this step plus their delay, never
         replaced by samples; a given code the depth transformer produces at this step feeds
-        its next codebook instead of a sample). ``check=False`` skips validating the codes on
-        the host (one sync each); only for codes that come from our own code (Mimi's encoder),
-        never from a caller. With ``timings`` (a dict), each stage is evaluated on its own and
-        its wall time in ms is stored under ``"temporal"`` (transformer and text sampling) and
-        ``"depth"`` (depformer and audio sampling): slower, for profiling.
+        its next codebook instead of a sample). ``check=False`` skips validating the codes'
+        values on the host (one sync each), for codes that come from our own code (Mimi's
+        encoder): codes out of range are then clipped into the tables, never refused. With
+        ``timings`` (a dict), each stage is evaluated on its own and its wall time in ms is
+        stored under ``"temporal"`` (transformer and text sampling) and ``"depth"`` (depformer
+        and audio sampling): slower, for profiling.
         """
         cfg, lm = self.cfg, self.lm
+        validate.instance("timings", timings, dict, "a dict", optional=True)
         self._write_given(self._given_streams(user_codes, moshi_codes, text_token, check))
         batch = user_codes.shape[0]
         self.key, text_key, audio_key = mx.random.split(self.key, 3)
@@ -307,6 +321,11 @@ class LmGen:
             batch = voice_codes.shape[0]
             voice = [voice_codes[:, :, f] for f in range(voice_codes.shape[2])]
         text = []
+        if isinstance(text_tokens, str):
+            raise MoshiError(
+                "text_tokens must be token ids, not a str: persona.text_prompt_tokens(tokenizer, "
+                "text) makes them"
+            )
         text_tokens = mx.array([] if text_tokens is None else text_tokens)
         if text_tokens.size:  # an empty list is no text prompt
             self._check_codes(

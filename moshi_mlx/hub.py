@@ -27,6 +27,18 @@ def is_repo_id(name: str | Path) -> bool:
     return not Path(name).expanduser().exists() and _REPO_ID.fullmatch(name) is not None
 
 
+def repo_id_problem(repo_id: str) -> str | None:
+    """Why the Hub would refuse ``repo_id`` (``owner/..``, ``owner/name.git``...), in
+    huggingface_hub's own words; None when it is valid."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        return " ".join(str(e).split()).rstrip(".")
+    return None
+
+
 def offline() -> bool:
     """``HF_HUB_OFFLINE`` as set now (huggingface_hub itself reads it once, at import)."""
     from huggingface_hub import constants
@@ -93,5 +105,11 @@ def local_folder(path_or_repo_id: str | Path) -> Path | None:
     if path.exists():
         raise HubError(f"{path} is a file; expected a model folder or a Hugging Face repo id")
     if is_repo_id(path_or_repo_id):
-        return None
+        problem = repo_id_problem(str(path_or_repo_id))
+        if problem is None:
+            return None
+        raise HubError(
+            f"no such folder: {path}; nor is it a valid Hugging Face repo id ({problem}); "
+            "check the name"
+        )
     raise HubError(f"no such folder: {path} (and it is not a Hugging Face repo id owner/name)")

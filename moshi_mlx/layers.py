@@ -12,6 +12,12 @@ def _zero_negative(ids: mx.array, out: mx.array) -> mx.array:
     return mx.where((ids < 0)[..., None], mx.zeros((), out.dtype), out)
 
 
+def _in_table(ids: mx.array, rows: int) -> mx.array:
+    # An id past the table would make the gather read (or crash on) other memory: ids that
+    # skipped the host-side checks (``check=False``) are clipped on the device, at no sync.
+    return mx.clip(ids, 0, rows - 1)
+
+
 class ZeroEmbedding(nn.Embedding):
     """``nn.Embedding`` where negative ids give an all-zero vector.
 
@@ -25,7 +31,7 @@ class ZeroEmbedding(nn.Embedding):
             self.low_rank = nn.Linear(low_rank, dims, bias=False)
 
     def __call__(self, ids: mx.array) -> mx.array:
-        out = _zero_negative(ids, super().__call__(mx.maximum(ids, 0)))
+        out = _zero_negative(ids, super().__call__(_in_table(ids, self.weight.shape[0])))
         return self.low_rank(out) if "low_rank" in self else out
 
     def to_quantized(
@@ -39,7 +45,7 @@ class QuantizedZeroEmbedding(nn.QuantizedEmbedding):
     """Quantized ``ZeroEmbedding`` (upstream's quantized files lose the -1 rule; we keep it)."""
 
     def __call__(self, ids: mx.array) -> mx.array:
-        return _zero_negative(ids, super().__call__(mx.maximum(ids, 0)))
+        return _zero_negative(ids, super().__call__(_in_table(ids, self.num_embeddings)))
 
 
 class MultiLinear(nn.Module):

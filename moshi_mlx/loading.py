@@ -7,6 +7,7 @@ its flags in their place.
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from collections.abc import Callable, Collection, Sequence
@@ -18,14 +19,16 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import validate
 from .errors import MoshiError, MoshiWarning
 from .lm import Lm, LmConfig
 from .memory import check_config_fits, check_fits, param_bytes
 from .mimi import Mimi, MimiConfig
 from .quantize import Quantization, quantization_of, quantize_like, quantize_lm
+from .validate import dtype_name
 from .weights import (
     CheckpointError,
-    check_finite,
+    check_weight,
     checkpoint_kind,
     depformer_steps,
     drop_user_depformer_steps,
@@ -35,6 +38,7 @@ from .weights import (
     load_into,
     mimi_rules,
     read_safetensors,
+    reading_weights,
     sanitize,
 )
 
@@ -49,9 +53,14 @@ def read_json(path: str | Path, what: str) -> dict:
         d = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{what} not found: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except IsADirectoryError:
+        raise CheckpointError(f"{what} {path} is a folder, not a JSON file") from None
+    # ValueError: bad JSON, or an integer longer than Python converts (4300 digits)
+    except (OSError, ValueError) as e:
         detail = " ".join(str(e).split())
         raise CheckpointError(f"cannot read {what} {path}: {detail}") from None
+    except RecursionError:
+        raise CheckpointError(f"cannot read {what} {path}: nested too deeply") from None
     if not isinstance(d, dict):
         raise CheckpointError(f"{what} {path} must hold a JSON object")
     return d
@@ -62,7 +71,8 @@ def _config(config, default, from_dict, what: str, source: str | Path | None):
     if config is None:
         return default()
     if not isinstance(config, (dict, str, Path)):
-        return config
+        kind = default().__class__
+        return validate.instance("config", config, kind, f"{kind.__name__}, a dict or a path")
     if not isinstance(config, dict):
         source, config = config, read_json(config, what)
     try:
@@ -94,13 +104,18 @@ def load_mimi(
     weights: str | Path,
     config: str | Path | dict | MimiConfig | None = None,
     device: mx.Device | None = None,
+    *,
+    lazy: bool = False,
 ) -> Mimi:
     """Mimi from an upstream PyTorch checkpoint (released key layout) or a converted MLX file.
 
     ``config``: a JSON path, a dict in upstream's nested format, or None for the real codec.
     Mimi always computes in float32; its kernels are chosen for ``device`` (see
-    ``Mimi.place``; default MLX's default device).
+    ``Mimi.place``; default MLX's default device). The weights are read now and refused if NaN
+    or infinite, unless ``lazy`` (then ``materialize`` does it).
     """
+    weights = validate.path("weights", weights)
+    device = validate.device("device", device)
     cfg = as_mimi_config(config)
     model = Mimi(cfg)
     raw = read_safetensors(weights)
@@ -114,6 +129,8 @@ def load_mimi(
         hint=lambda name: "that the Mimi config fits this checkpoint",
     )
     model.place(device)
+    if not lazy:
+        materialize(model)
     return model
 
 
@@ -122,6 +139,8 @@ def load_lm(
     config: str | Path | dict | LmConfig | None = None,
     dtype: str | mx.Dtype | None = mx.float32,
     quantize: Quantization | None = None,
+    *,
+    lazy: bool = False,
 ) -> Lm:
     """The LM from a released PyTorch checkpoint, one of Kyutai's MLX files (bf16, q8 or q4) or
     a converted file (or the list of its shards). ``config``: JSON path, dict in upstream
@@ -130,9 +149,12 @@ def load_lm(
     Unquantized weights are cast to ``dtype`` (float32 by default, the exact path; pass
     ``mx.bfloat16`` for speed, or None to keep the file's dtype). Quantized files keep their
     bits and group size, read from the tensor shapes; ``quantize`` quantizes a float model
-    (``quantize_lm``'s rules). Nothing is read from disk until used (``materialize``).
+    (``quantize_lm``'s rules). The weights are read now, one layer at a time, and refused if
+    NaN, infinite or (quantized) out of range, unless ``lazy``: then nothing is read until
+    used, and ``materialize`` reads and checks them.
     """
-    paths = [Path(weights)] if isinstance(weights, (str, Path)) else [Path(p) for p in weights]
+    paths = validate.paths("weights", weights)
+    validate.instance("quantize", quantize, Quantization, "a Quantization", optional=True)
     cfg = as_lm_config(config, weights=paths)
     model = Lm(cfg)
     params, source = read_lm_weights(paths, cfg)
@@ -145,6 +167,8 @@ def load_lm(
                 "quantize a float checkpoint (e.g. kyutai/moshiko-mlx-bf16)"
             )
         quantize_lm(model, quantize)
+    if not lazy:
+        materialize(model)
     return model
 
 
@@ -155,12 +179,14 @@ def materialize(model: nn.Module, progress: Callable[[int, int], None] | None = 
     leaves = leaf_modules(model)
     for i, (path, leaf) in enumerate(leaves):
         params = tree_flatten(leaf.parameters())
-        mx.eval([v for _, v in params])
+        with reading_weights():
+            mx.eval([v for _, v in params])
         for name, value in params:
-            check_finite(f"{path}.{name}", value)
+            check_weight(f"{path}.{name}", value)
         if progress is not None:
             progress(i + 1, len(leaves))
-    mx.eval(model.parameters())
+    with reading_weights():
+        mx.eval(model.parameters())
 
 
 def read_lm_weights(
@@ -268,7 +294,13 @@ class ModelFolder:
         self.root = (hub_repo if in_hub_cache else path).resolve()
 
     def _inside(self, path: Path, label: str) -> Path:
-        if not path.resolve().is_relative_to(self.root):
+        try:
+            resolved = path.resolve()
+        except (RuntimeError, OSError):  # a symlink loop (RuntimeError before Python 3.13)
+            raise CheckpointError(
+                f"{self.path}: {label} is a symbolic link that points back to itself"
+            ) from None
+        if not resolved.is_relative_to(self.root):
             raise CheckpointError(
                 f"{self.path}: {label} resolves outside the model folder; refusing to read it"
             )
@@ -296,9 +328,16 @@ class ModelFolder:
         return [self._inside(p, f"{p.name}") for p in sorted(self.path.glob(pattern))]
 
     def optional(self, name: str) -> Path | None:
-        """The folder's file ``name`` if there is one."""
+        """The folder's file ``name`` if there is one; something else by that name (a folder,
+        a broken link) is an error, never skipped."""
         path = self.path / name
-        return self._inside(path, name) if path.is_file() else None
+        if not os.path.lexists(path):
+            return None
+        self._inside(path, name)
+        if not path.is_file():
+            what = "a folder" if path.is_dir() else "not a regular file (a broken link?)"
+            raise CheckpointError(f"{self.path}: {name} is {what}; it must be a file")
+        return path
 
 
 def _scan(folder: ModelFolder) -> tuple[dict[str, list[Path]], bool]:
@@ -507,10 +546,13 @@ def check_tokenizer(tokenizer, cfg: LmConfig, path: Path) -> None:
 
 
 def as_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
-    """``"bfloat16"`` / ``"float16"`` / ``"float32"`` (or an ``mx.Dtype``, or None) -> dtype."""
-    if dtype is None or isinstance(dtype, mx.Dtype):
-        return dtype
-    if dtype not in DTYPES:
+    """``"bfloat16"`` / ``"float16"`` / ``"float32"`` (or one of those ``mx.Dtype``, or None)
+    -> dtype. Other dtypes are refused: weights cast to integers would be silently wrong."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, mx.Dtype):
+        dtype = dtype_name(dtype)
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise MoshiError(f"`dtype` must be one of {', '.join(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
 
@@ -576,6 +618,14 @@ def load(
     (``memory.check_fits``: a one-line ``MoshiError`` naming a quantization that would fit;
     configs that cannot fit in any form are refused before anything is built).
     """
+    validate.path("path_or_repo_id", path_or_repo_id)
+    if isinstance(parts, str) or not isinstance(parts, Collection):
+        raise MoshiError(f"`parts` must be a list of {', '.join(PARTS)}, got {parts!r}")
+    validate.instance("quantize", quantize, Quantization, "a Quantization", optional=True)
+    mimi_device = validate.device("mimi_device", mimi_device)
+    as_dtype(dtype)
+    if progress is not None and not callable(progress):
+        raise MoshiError(f"`progress` must be a function (done, total), got {progress!r}")
     files = find_model_files(model_folder(path_or_repo_id, parts), parts=parts)
     if check_memory:  # at once, before building anything
         check_config_fits(files.lm_config if files.lm_weights is not None else None,
@@ -586,7 +636,9 @@ def load(
         tokenizer = load_tokenizer(files.tokenizer)
         check_tokenizer(tokenizer, files.lm_config, files.tokenizer)
     if files.lm_weights is not None:
-        lm = load_lm(files.lm_weights, files.lm_config, dtype=as_dtype(dtype), quantize=quantize)
+        lm = load_lm(
+            files.lm_weights, files.lm_config, dtype=as_dtype(dtype), quantize=quantize, lazy=True
+        )
         if quantize is None and is_converted(files.config):
             _check_stated_quantization(lm, files.config, files.folder / "config.json")
         if check_memory:
@@ -595,7 +647,7 @@ def load(
         if not lazy:
             materialize(lm, progress)
     if files.mimi_weights is not None:
-        mimi = load_mimi(files.mimi_weights, files.mimi_config, mimi_device)
+        mimi = load_mimi(files.mimi_weights, files.mimi_config, mimi_device, lazy=True)
         mimi.set_num_codebooks(min(files.lm_config.mimi_codebooks, mimi.cfg.n_q))
         if not lazy:
             materialize(mimi)

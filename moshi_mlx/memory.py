@@ -11,6 +11,7 @@ that would otherwise swap or be killed mid-conversation.
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import sys
@@ -187,9 +188,15 @@ def usable_memory(device: mx.Device | None = None) -> tuple[int, str]:
     on other GPUs their memory; on the CPU the machine's memory."""
     if os.environ.get(LIMIT_ENV):
         try:
-            return int(float(os.environ[LIMIT_ENV]) * GB), f"{LIMIT_ENV} allows"
+            gb = float(os.environ[LIMIT_ENV])
         except ValueError:
-            raise MoshiError(f"{LIMIT_ENV} must be a number of GB") from None
+            gb = math.nan
+        if not 0 < gb < 1e9:  # NaN, inf, 1e400 (inf) and negative numbers included
+            raise MoshiError(
+                f"{LIMIT_ENV} must be a number of GB above 0 and below 1e9, got "
+                f"{os.environ[LIMIT_ENV]!r}; set it to the memory Moshi may use, or unset it"
+            )
+        return int(gb * GB), f"{LIMIT_ENV} allows"
     device = device or mx.default_device()
     info = mx.device_info(device)
     if device.type == mx.gpu:

@@ -49,6 +49,7 @@ class MimiConfig:
         unknown keys are ignored, options we do not implement refused."""
         if not isinstance(d, dict):
             raise MoshiError(f"Mimi config must be an object, got {type(d).__name__}")
+        choice("Mimi config", "channels", d.get("channels", 1), (1,))  # mono only
         parts = {name: d.get(name, {}) for name in ("seanet", "transformer", "quantizer")}
         for name, sub in parts.items():
             if not isinstance(sub, dict):
@@ -185,7 +186,7 @@ class Mimi(nn.Module):
         return self.cfg.sample_rate
 
     def set_num_codebooks(self, k: int) -> None:
-        if not 1 <= k <= self.cfg.n_q:
+        if type(k) is not int or not 1 <= k <= self.cfg.n_q:
             raise MoshiError(f"num_codebooks must be in [1, {self.cfg.n_q}], got {k}")
         self.num_codebooks = k
 
@@ -205,20 +206,31 @@ class Mimi(nn.Module):
             )
         if n == 0:
             raise MoshiError("`pcm` is empty")
+        # NaN or infinite samples would encode to meaningless codes (all zeros) without a word
+        # (checked on the CPU stream: it never waits for the GPU's queue)
+        if not mx.all(mx.isfinite(pcm), stream=mx.cpu).item():
+            raise MoshiError(
+                "`pcm` holds NaN or infinite samples; give finite audio (e.g. in [-1, 1])"
+            )
         if streaming:
             self._encode_batch = self._same_batch("encode_step", self._encode_batch, pcm.shape[0])
 
-    def _check_codes(self, codes: mx.array, streaming: bool) -> None:
+    def _check_codes(self, codes: mx.array, streaming: bool, values: bool = True) -> None:
+        """Type and shape (no sync), and with ``values`` the range (a host sync; unchecked
+        codes are clipped into the codebooks)."""
         if not isinstance(codes, mx.array) or not mx.issubdtype(codes.dtype, mx.integer):
             raise MoshiError(
                 f"`codes` must be an integer mx.array [batch, codebooks, frames], got {kind(codes)}"
             )
-        if codes.ndim != 3 or codes.shape[0] < 1:
-            raise MoshiError(f"`codes` must be [batch, codebooks, frames], got {list(codes.shape)}")
+        if codes.ndim != 3 or codes.shape[0] < 1 or codes.shape[2] < 1:
+            raise MoshiError(
+                f"`codes` must be [batch, codebooks, frames] with at least one frame, got "
+                f"{list(codes.shape)}"
+            )
         k = codes.shape[1]
         if not 1 <= k <= self.cfg.n_q:
             raise MoshiError(f"`codes` have {k} codebooks; this Mimi decodes 1 to {self.cfg.n_q}")
-        if codes.size and (mx.min(codes).item() < 0 or mx.max(codes).item() >= self.cfg.bins):
+        if values and (mx.min(codes).item() < 0 or mx.max(codes).item() >= self.cfg.bins):
             raise MoshiError(f"`codes` must be in [0, {self.cfg.bins}); got values outside")
         if streaming:
             self._decode_batch = self._same_batch("decode_step", self._decode_batch, codes.shape[0])
@@ -278,9 +290,9 @@ class Mimi(nn.Module):
         """Decode the next frames ``[B, K, n]`` -> waveform ``[B, 1, n * 1920]``.
 
         ``check=False`` skips the range check of the codes (a host sync), for codes that come
-        straight from the LM."""
-        if check:
-            self._check_codes(codes, streaming=True)
+        straight from the LM; codes out of range are then clipped, never read past the
+        codebooks."""
+        self._check_codes(codes, streaming=True, values=check)
         x = self.quantizer.decode(codes.transpose(0, 2, 1))
         x = self.decoder_transformer.step(self.upsample.step(x))
         return self.decoder.step(x).transpose(0, 2, 1)

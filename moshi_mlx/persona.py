@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import validate
 from .errors import MoshiError
 
 if TYPE_CHECKING:
@@ -34,6 +35,9 @@ def is_persona_model(lm) -> bool:
     """Whether the LM was trained for system prompts (PersonaPlex: its config says so, or its
     depformer also predicts the user's stream). Prompting another model works but is not
     what it was trained for; ``LmGen.system_prompt`` warns then."""
+    from .lm import LmConfig
+
+    validate.instance("lm.cfg", getattr(lm, "cfg", None), LmConfig, "an LmConfig (`lm` an Lm)")
     return lm.cfg.persona
 
 
@@ -65,6 +69,8 @@ def check_text_prompt(text: str) -> str:
 def text_prompt_tokens(tokenizer, text: str) -> list[int]:
     """Token ids of a text prompt (``tokenizer``: the model's SentencePiece processor); at
     most ``MAX_TEXT_TOKENS``, ``MAX_TEXT_CHARS`` checked before tokenizing."""
+    if not callable(getattr(tokenizer, "encode", None)):
+        raise MoshiError(f"`tokenizer` must be a SentencePiece processor, got {tokenizer!r}")
     tokens = list(tokenizer.encode(wrap_with_system_tags(check_text_prompt(text))))
     if len(tokens) > MAX_TEXT_TOKENS:
         raise MoshiError(
@@ -96,6 +102,9 @@ def voice_prompt_from_pcm(mimi, pcm: np.ndarray, sample_rate: int) -> mx.array:
 
     from .loudness import normalize_loudness
 
+    from .mimi import Mimi
+
+    validate.instance("mimi", mimi, Mimi, "a Mimi")
     if sample_rate != mimi.sample_rate:
         raise MoshiError(
             f"the voice recording is at {sample_rate} Hz; resample it to {mimi.sample_rate} Hz"
@@ -138,12 +147,21 @@ def save_voice_prompt(path: str | Path, codes: mx.array, mimi) -> None:
     format tag and what ``load_voice_prompt`` checks of the codec (``mimi``) they belong to."""
     import mlx.core as mx
 
+    from .mimi import Mimi
+
+    path = validate.path("path", path)
+    validate.instance("mimi", mimi, Mimi, "a Mimi")
+    validate.instance("codes", codes, (mx.array, np.ndarray), "an integer mx.array")
     codes = mx.array(codes)
     if codes.ndim != 3 or codes.shape[:2] != (1, VOICE_PROMPT_CODEBOOKS):
         raise MoshiError(
             f"voice prompt codes must be [1, {VOICE_PROMPT_CODEBOOKS}, frames], got "
             f"{list(codes.shape)}"
         )
+    bins = mimi.cfg.bins
+    ok = mx.issubdtype(codes.dtype, mx.integer) and codes.size > 0
+    if not ok or mx.min(codes).item() < 0 or mx.max(codes).item() >= bins:
+        raise MoshiError(f"voice prompt codes must be integers in [0, {bins}), at least one frame")
     from safetensors.numpy import save_file
 
     metadata = {"format": VOICE_PROMPT_FORMAT, **_codec(mimi)}
@@ -183,7 +201,10 @@ def load_voice_prompt(path: str | Path, mimi) -> mx.array:
     from .outputs import check_input
     from .weights import CheckpointError, check_safetensors
 
-    path = Path(path)
+    from .mimi import Mimi
+
+    path = validate.path("path", path)
+    validate.instance("mimi", mimi, Mimi, "a Mimi")
     if not path.exists() and not path.is_symlink():
         raise MoshiError(f"voice prompt not found: {path}")
     check_input(path, "the voice prompt")

@@ -32,11 +32,11 @@ class Quantization:
     group_size: int | None = None
 
     def __post_init__(self):
-        if self.bits not in BITS or isinstance(self.bits, bool):
+        if type(self.bits) is not int or self.bits not in BITS:
             raise MoshiError(f"quantization `bits` must be 4 or 8, got {self.bits!r}")
         if self.group_size is None:
             object.__setattr__(self, "group_size", DEFAULT_GROUP_SIZE[self.bits])
-        elif self.group_size not in GROUP_SIZES or isinstance(self.group_size, bool):
+        elif type(self.group_size) is not int or self.group_size not in GROUP_SIZES:
             raise MoshiError(
                 f"quantization `group_size` must be 32, 64 or 128, got {self.group_size!r}"
             )
@@ -158,11 +158,24 @@ def quantize_like(model: nn.Module, weights: dict[str, mx.array]) -> Quantizatio
     """Quantize exactly the layers that ``weights`` stores quantized, with the bits and group
     size read from the shapes. Returns the (most common) settings, None if all is float."""
 
+    found: dict[str, tuple[int, int]] = {}
+
     def predicate(path, module):
-        found = stored_quantization(module, weights, path)
-        return {"bits": found[0], "group_size": found[1]} if found else False
+        settings = found[path] = stored_quantization(module, weights, path)
+        return {"bits": settings[0], "group_size": settings[1]} if settings else False
 
     nn.quantize(model, class_predicate=predicate)
+    # Our converter and Kyutai's quantize every layer alike: one layer at other bits is a
+    # damaged file (e.g. a weight cut to 3-bit width in a 4-bit file), not a choice.
+    counts = Counter(s for s in found.values() if s)
+    if len(counts) > 1:
+        (bits, group), n = counts.most_common(1)[0]
+        path, odd = next((p, s) for p, s in found.items() if s and s != (bits, group))
+        raise MoshiError(
+            f"{path} is stored at {odd[0]} bits, group size {odd[1]}, but {n} other layers at "
+            f"{bits} bits, group size {group}: the file is damaged or mixes quantizations; "
+            "get a good copy, or convert the float model again"
+        )
     return quantization_of(model)
 
 

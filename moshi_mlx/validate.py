@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import mlx.core as mx
 
@@ -61,3 +63,50 @@ def dtype_name(dtype) -> str:
 def kind(x) -> str:
     """What a bad argument is, for error messages: ``"int32 mx.array"``, ``"list"``..."""
     return f"{dtype_name(x.dtype)} mx.array" if isinstance(x, mx.array) else type(x).__name__
+
+
+# ---- library arguments: one MoshiError naming the argument, never a TypeError from inside ----
+
+
+def path(name: str, value) -> Path:
+    """A file or folder argument: a ``str`` or ``os.PathLike``, not empty."""
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise MoshiError(f"`{name}` must be a path (str or pathlib.Path), got {value!r}")
+    return Path(value)
+
+
+def paths(name: str, value) -> list[Path]:
+    """One path, or a non-empty list of them (a model's shards)."""
+    if isinstance(value, (str, os.PathLike)):
+        return [path(name, value)]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise MoshiError(f"`{name}` must be a path or a non-empty list of paths, got {value!r}")
+    return [path(f"{name} entry", v) for v in value]
+
+
+def instance(name: str, value, cls, what: str, optional: bool = False):
+    """``value`` if it is a ``cls`` (or None, when ``optional``)."""
+    if not (isinstance(value, cls) or (optional and value is None)):
+        raise MoshiError(f"`{name}` must be {what}, got {kind(value)}")
+    return value
+
+
+def text(name: str, value) -> str:
+    """A ``str`` that can be written as UTF-8: a lone surrogate (an undecodable byte of an
+    argument or a file read with ``surrogateescape``) would fail deep in the tokenizer."""
+    if not isinstance(value, str):
+        raise MoshiError(f"`{name}` must be a str, got {kind(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise MoshiError(
+            f"`{name}` holds a byte that is not UTF-8 (character {e.start + 1}); write it in UTF-8"
+        ) from None
+    return value
+
+
+def device(name: str, value) -> mx.Device | None:
+    """An ``mx.Device``, a device type (``mx.cpu``, ``mx.gpu``) or None."""
+    if isinstance(value, mx.DeviceType):
+        return mx.Device(value)
+    return instance(name, value, mx.Device, "an mx.Device (or mx.cpu, mx.gpu)", optional=True)

@@ -12,6 +12,7 @@ import json
 import math
 import re
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,7 +258,7 @@ def check_safetensors(path: Path) -> None:
             raise bad("truncated or corrupt: header larger than the file")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # not JSON, nested too deeply, huge integers
             raise bad("truncated or corrupt: header is not JSON") from None
     if not isinstance(header, dict):
         raise bad("header is not an object")
@@ -300,13 +301,47 @@ def read_safetensors(path: str | Path) -> dict[str, mx.array]:
         ) from None
 
 
-def check_finite(name: str, value: mx.array) -> None:
-    """One line for a weight holding NaN or infinite values (evaluates it)."""
-    if mx.issubdtype(value.dtype, mx.floating) and not mx.all(mx.isfinite(value)).item():
+# Largest magnitude of a quantization scale or offset: float16's largest number. A quantized
+# weight is ``scale * q + offset``, with the offset at one end of its group and the scale its
+# span over 2^bits - 1 steps, so both stay within the largest weight's magnitude; a trained
+# network's weights are within a few units, and past 65504 a float16 forward pass overflows.
+MAX_QUANT_PARAM = 65504.0
+
+
+@contextmanager
+def reading_weights():
+    """Evaluate lazily read weights inside this: MLX reads a file only when its tensors are
+    evaluated, and a file cut short or replaced since its header was checked then fails with
+    a bare ``RuntimeError("[read] ...")``, turned here into one line."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not str(e).startswith("[read]"):
+            raise
+        raise CheckpointError(
+            "a weight file was cut short or changed while it was being read (another program "
+            "writing it, or a download still running?); let it finish and start again"
+        ) from None
+
+
+def check_weight(name: str, value: mx.array) -> None:
+    """One line for a weight holding NaN or infinite values, or a quantization scale or offset
+    (``*.scales``, ``*.biases``) beyond ``MAX_QUANT_PARAM`` (evaluates it)."""
+    if not mx.issubdtype(value.dtype, mx.floating) or not value.size:
+        return
+    if not mx.all(mx.isfinite(value)).item():
         raise CheckpointError(
             f"weight {name} holds NaN or infinite values: the checkpoint is broken; get a good "
             "copy of it"
         )
+    if name.endswith((".scales", ".biases")):
+        largest = mx.max(mx.abs(value)).item()
+        if largest > MAX_QUANT_PARAM:
+            raise CheckpointError(
+                f"quantization {name.rsplit('.', 1)[1]} {name} reach {largest:.3g}, beyond any "
+                f"real weight (at most {MAX_QUANT_PARAM:g}): the checkpoint is broken; get a "
+                "good copy of it"
+            )
 
 
 def leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
