@@ -176,6 +176,23 @@ def test_kyutai_mlx_layout_loads(kyutai_mlx_repo, io):
     assert heads.shape == (1, io["clip0_codes"].shape[2], 4, 6)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_kyutai_mlx_layout_quantized_loads(tmp_path, io, bits):
+    """Kyutai's quantized MLX files: upstream's ``nn.quantize`` of the bf16 model, saved."""
+    quantize = Quantization(bits)
+    direct = moshi_mlx.load(STT_DIR, dtype="bfloat16", quantize=quantize).lm
+    folder = tmp_path / f"stt-mlx-q{bits}"
+    folder.mkdir()
+    for name in ("config.json", "mimi_config.json", "mimi.safetensors", "tokenizer.model"):
+        shutil.copy(STT_DIR / name, folder / name)
+    params = _kyutai_mlx_names(dict(tree_flatten(direct.parameters())))
+    assert "audio_embs.0.scales" in params
+    mx.save_safetensors(str(folder / "model.safetensors"), params)
+    lm = moshi_mlx.load(folder).lm
+    got, want = greedy(lm, io["clip0_codes"]), greedy(direct, io["clip0_codes"])
+    assert got[0].tolist() == want[0].tolist() and max_err(got[1], want[1]) == 0
+
+
 @pytest.mark.parametrize("bits", [None, 4, 8])
 def test_converted_folders_reload(tmp_path, io, bits):
     quantize = Quantization(bits) if bits else None
