@@ -98,6 +98,8 @@ from pathlib import Path
 cfg = json.loads(Path("tests/fixtures/full_size_keys/stt_1b_keys.json").read_text())["config"]
 cfg.update(model_type="stt", stt_config={"audio_delay_seconds": 0.5,
                                          "audio_silence_prefix_seconds": 0.0})
+# upstream's default, written out: the reference's MLX config reader requires the field
+cfg.setdefault("depformer_dim_feedforward", int(cfg["hidden_scale"] * cfg["depformer_dim"]))
 Path(sys.argv[1]).write_text(json.dumps(cfg, indent=1))
 EOF
 fi
