@@ -312,6 +312,7 @@ def _write_folder(
         message = f"removed {path}, left behind by a conversion that was killed"
         warnings.warn(message, MoshiWarning, stacklevel=3)
     report = quantize_report(lm_model)
+    lm_cfg = lm_model.cfg  # without the extra heads a checkpoint may lack
     lm = dict(tree_flatten(lm_model.parameters()))
     mimi = dict(tree_flatten(mimi_model.parameters()))
     stored_dtype = float_dtype(lm)
@@ -335,8 +336,8 @@ def _write_folder(
         quant_entry = {**report.settings.as_dict(), **dict.fromkeys(report.kept, False)}
     config = {
         "format": FORMAT,
-        "model_type": "moshi",
-        "lm": lm_model.cfg.to_dict(),
+        "model_type": lm_cfg.model_type,
+        "lm": lm_cfg.to_dict(),
         "mimi": mimi_model.cfg.to_dict(),
         "quantization": quant_entry,
         "dtype": stored_dtype,
