@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "convert": ("moshi_mlx.app.convert", "convert (and quantize) a checkpoint to an MLX folder"),
     "bench": ("moshi_mlx.app.bench", "time the frame step (real-time factor, memory)"),
     "persona": ("moshi_mlx.app.persona", "prepare a voice prompt for PersonaPlex (persona save)"),
+    "serve": ("moshi_mlx.app.serve", "talk with Moshi from a web page (Kyutai's protocol)"),
 }
 BUG_EXIT = 70  # sysexits' EX_SOFTWARE
 
