@@ -1,8 +1,9 @@
 """``moshi-mlx serve``: talk with Moshi from a web page, over Kyutai's WebSocket protocol.
 
 ``GET /`` serves our page (``app/web``, or ``--static DIR``), ``GET /api/voices`` lists the
-voices of ``--voices DIR``, and ``GET /api/chat`` upgrades to the WebSocket of Kyutai's
-protocol: binary messages, one kind byte then the payload (0 handshake, 1 Ogg Opus audio
+voices of ``--voices DIR`` (``{"voices": [NAME, ...]}``), ``GET /api/status`` says whether a
+conversation is running (``{"busy": true}``), and ``GET /api/chat`` upgrades to the WebSocket
+of Kyutai's protocol: binary messages, one kind byte then the payload (0 handshake, 1 Ogg Opus audio
 both ways at 24 kHz mono, 2 text, 3 control, 4 metadata JSON, 5 error, 6 ping).
 
 Two threads: the event loop (main thread) speaks HTTP and WebSocket and does the Opus
@@ -488,6 +489,7 @@ class Server:
         app = web.Application(client_max_size=MAX_MESSAGE, middlewares=[self._guard])
         app.router.add_get("/api/chat", self.chat)
         app.router.add_get("/api/voices", self.list_voices)
+        app.router.add_get("/api/status", self.status)
         app.router.add_get("/", self.index)
         app.router.add_static("/", self.page, follow_symlinks=False, show_index=False)
         return app
@@ -554,6 +556,11 @@ class Server:
         from aiohttp import web
 
         return web.json_response({"voices": voice_names(self.voices)})
+
+    async def status(self, request):
+        from aiohttp import web
+
+        return web.json_response({"busy": self.busy is not None})
 
     # -- the WebSocket -------------------------------------------------------------------------
 
@@ -870,10 +877,10 @@ async def _serve(server: Server, context, cert, token: str, stop: threading.Even
         shown = _lan_address() if args.host in ("0.0.0.0", "::") else args.host
         if ":" in shown:
             shown = f"[{shown}]"
-        print(f"open {scheme}://{shown}:{port}/?token={token} (Ctrl-C to stop)", flush=True)
-        print(f"on this machine: {scheme}://localhost:{port}/", flush=True)
         if cert is not None:
             print(f"certificate {cert} sha256 {fingerprint(cert)}", flush=True)
+        print(f"on this machine: {scheme}://localhost:{port}/", flush=True)
+        print(f"open {scheme}://{shown}:{port}/?token={token} (Ctrl-C to stop)", flush=True)
     try:
         while not stop.is_set():
             await asyncio.sleep(0.1)
