@@ -57,6 +57,7 @@ from .options import (
     model_choice,
     sampling_from_args,
 )
+from .wavio import to_int16
 
 HELP = (
     "serve Moshi to a web page (ours, or Kyutai's/PersonaPlex's with --static) and to any "
@@ -134,6 +135,7 @@ class Settings:
     text_prompt: str | None = None
     voice: Path | None = None  # a voice prompt inside --voices
     ignored: dict = field(default_factory=dict)  # accepted but without effect here
+    pcm16: bool = False  # our page's framing: kind 1 carries 16-bit PCM instead of Ogg Opus
 
 
 # query key -> (Sampling field, type, lowest, highest)
@@ -145,6 +147,9 @@ SAMPLING_KEYS = {
 }
 SEED_KEYS = ("text_seed", "audio_seed")
 ACCEPTED_KEYS = ("pad_mult", "repetition_penalty_context", "repetition_penalty")
+# Kyutai's Ogg Opus (the default), or our page's raw 16-bit little-endian PCM at 24 kHz mono:
+# no codec to ship in the page, every browser plays it, 48 kB/s each way on a local network.
+AUDIO_FORMATS = ("ogg_opus", "pcm_s16le")
 # Other keys of Kyutai's and PersonaPlex's pages, accepted and ignored.
 OTHER_KEYS = ("worker_auth_id", "email", "image_url", "image_resolution", "token")
 
@@ -167,7 +172,7 @@ def settings_from_query(query, base, voices: Path | None) -> Settings:
     is ``--seed``'s; two different seeds are mixed into one); ``pad_mult`` and the
     repetition penalties are checked and have no effect. A bad value: ``MoshiError``."""
     known = set(SAMPLING_KEYS) | set(SEED_KEYS) | set(ACCEPTED_KEYS) | set(OTHER_KEYS)
-    known |= {"text_prompt", "voice_prompt"}
+    known |= {"text_prompt", "voice_prompt", "audio_format"}
     unknown = sorted(k for k in query if k not in known)
     if unknown:
         raise MoshiError(f"unknown query parameter {unknown[0][:40]!r}")
@@ -190,7 +195,11 @@ def settings_from_query(query, base, voices: Path | None) -> Settings:
     voice = None
     if query.get("voice_prompt"):
         voice = voice_path(voices, query["voice_prompt"])
-    return Settings(base.replace(**changes), text_prompt, voice, ignored)
+    audio_format = query.get("audio_format", "ogg_opus")
+    if audio_format not in AUDIO_FORMATS:
+        raise MoshiError(f"audio_format must be one of {', '.join(AUDIO_FORMATS)}")
+    pcm16 = audio_format == "pcm_s16le"
+    return Settings(base.replace(**changes), text_prompt, voice, ignored, pcm16)
 
 
 def _mix(seeds: list[int]) -> int:
@@ -667,10 +676,15 @@ class Server:
                 continue  # defined by the protocol, without use in full duplex
             if kind != AUDIO:
                 return f"unexpected message kind {kind} (clients send 1: Ogg Opus audio)"
-            try:
-                pcm = reader.append_bytes(data[1:])
-            except Exception:  # sphn raises ValueError (and may add others) on bad Ogg/Opus
-                return "malformed audio: Ogg Opus pages at 24 kHz mono expected"
+            if conv.settings.pcm16:
+                if len(data) % 2 == 0:
+                    return "malformed audio: 16-bit samples expected"
+                pcm = np.frombuffer(data, "<i2", offset=1).astype(np.float32) / 32768
+            else:
+                try:
+                    pcm = reader.append_bytes(data[1:])
+                except Exception:  # sphn raises ValueError (maybe others) on bad Ogg/Opus
+                    return "malformed audio: Ogg Opus pages at 24 kHz mono expected"
             if len(pcm) > MAX_PCM_PER_MESSAGE:
                 return "too much audio in one message"
             pending = np.concatenate([pending, np.asarray(pcm, np.float32).reshape(-1)])
@@ -688,7 +702,10 @@ class Server:
             if item is None:
                 return "the conversation ended" if not conv.ended.is_set() else None
             frame, step = item
-            await self._send(ws, AUDIO, writer.append_pcm(step.pcm))
+            if conv.settings.pcm16:
+                await self._send(ws, AUDIO, to_int16(step.pcm).tobytes())
+            else:
+                await self._send(ws, AUDIO, writer.append_pcm(step.pcm))
             if step.text:
                 await self._send(ws, TEXT, step.text.encode())
             conv.latency_s.append(time.monotonic() - frame.received)

@@ -318,6 +318,8 @@ def test_bad_clients_get_an_error_and_the_server_goes_on(server):
         ([b"\x00"], {}, "unexpected message kind 0"),
         (["hello"], {}, "binary messages only"),
         ([b""], {}, "empty message"),
+        ([b"\x01abc"], {"audio_format": "pcm_s16le"}, "16-bit samples expected"),
+        ([], {"audio_format": "mp3"}, "audio_format must be one of"),
         ([b"\x01" + os.urandom(70_000)], {}, None),  # over the size limit: closed
         ([], {"text_temperature": "hot"}, "text_temperature must be a number"),
         ([], {"audio_topk": "-1"}, "audio_topk must be an integer"),
