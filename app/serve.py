@@ -626,8 +626,10 @@ class Server:
         meta = {"sampling": s.sampling.replace(seed=None).as_dict(), "engine": self.args.engine,
                 "frame_ms": FRAME_S * 1000, "max_lag_ms": self.args.max_lag_ms,
                 "ignored": s.ignored, "conversation": conv.number}  # fmt: skip
-        await self._send(ws, METADATA, json.dumps(meta).encode())
+        # The handshake first: clients written against Kyutai's Python server take the first
+        # message for it.
         await self._send(ws, HANDSHAKE, struct.pack("<II", PROTOCOL_VERSION, MODEL_VERSION))
+        await self._send(ws, METADATA, json.dumps(meta).encode())
         reader, writer = sphn.OpusStreamReader(SAMPLE_RATE), sphn.OpusStreamWriter(SAMPLE_RATE)
         tasks = [
             asyncio.ensure_future(self._receive(ws, conv, reader)),
@@ -713,6 +715,7 @@ class Server:
             now = time.monotonic()
             stats = conv.stats()
             if now - last_stats >= STATS_EVERY_S or stats["dropped"] != last_sent:
+                stats["answered"] = frame.index  # the client frame the audio just sent answers
                 await self._send(ws, METADATA, json.dumps(stats).encode())
                 last_stats, last_sent = now, stats["dropped"]
 

@@ -35,6 +35,9 @@ class Reply:
     metadata: list[dict] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     latency_s: list[float] = field(default_factory=list)  # frame k sent -> answer k received
+    # from the server's stats ("answered": the frame the last audio answers), exact with drops
+    answered_latency_s: list[float] = field(default_factory=list)
+    audio_at: list[float] = field(default_factory=list)
     closed_by_server: bool = False
 
     @property
@@ -84,6 +87,7 @@ async def talk(
                         reply.handshake = payload
                         shaken.set()
                     elif kind == 1:
+                        reply.audio_at.append(time.monotonic())
                         reply.audio_bytes.append(payload)
                         reply.audio.append(np.asarray(reader.append_bytes(payload), np.float32))
                         k = len(reply.audio) - 1
@@ -94,7 +98,11 @@ async def talk(
                     elif kind == 2:
                         reply.text.append(payload.decode())
                     elif kind == 4:
-                        reply.metadata.append(json.loads(payload))
+                        meta = json.loads(payload)
+                        reply.metadata.append(meta)
+                        k = meta.get("answered")
+                        if k is not None and k < len(sent) and reply.audio_at:
+                            reply.answered_latency_s.append(reply.audio_at[-1] - sent[k])
                     elif kind == 5:
                         reply.errors.append(payload.decode())
                 reply.closed_by_server = True
