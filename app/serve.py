@@ -534,7 +534,12 @@ class Server:
             if why is not None:
                 raise web.HTTPForbidden(text=f"forbidden: {why}\n")
             response = await handler(request)
-            if request.query.get("token") and not isinstance(response, web.WebSocketResponse):
+            given = request.query.get("token")
+            if (
+                given
+                and self._token_ok(request)
+                and not isinstance(response, web.WebSocketResponse)
+            ):
                 response.set_cookie(TOKEN_COOKIE, self.token, httponly=True, samesite="Strict",
                                     secure=self.tls)  # fmt: skip
             if isinstance(response, web.StreamResponse) and not response.prepared:
@@ -595,8 +600,10 @@ class Server:
                 await self._converse(ws, conv)
             finally:
                 conv.ended.set()
-                await asyncio.shield(conv.done)
-                self.busy = None
+                try:  # the compute thread ends the conversation within a frame or two
+                    await asyncio.wait_for(asyncio.shield(conv.done), START_TIMEOUT_S)
+                finally:
+                    self.busy = None
         finally:
             self.sockets.discard(ws)
             if not ws.closed:
@@ -659,9 +666,11 @@ class Server:
         from aiohttp import WSMsgType
 
         pending = np.zeros(0, np.float32)
+        last_audio = time.monotonic()
         while True:
+            wait = last_audio + self.args.idle_timeout_s - time.monotonic()
             try:
-                msg = await ws.receive(timeout=self.args.idle_timeout_s)
+                msg = await ws.receive(timeout=max(wait, 0.001))
             except asyncio.TimeoutError:
                 return f"no audio for {self.args.idle_timeout_s:g} s: closing"
             if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
@@ -678,6 +687,7 @@ class Server:
                 continue  # defined by the protocol, without use in full duplex
             if kind != AUDIO:
                 return f"unexpected message kind {kind} (clients send 1: Ogg Opus audio)"
+            last_audio = time.monotonic()
             if conv.settings.pcm16:
                 if len(data) % 2 == 0:
                     return "malformed audio: 16-bit samples expected"

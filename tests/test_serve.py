@@ -110,7 +110,8 @@ def voices(tmp_path_factory, model_dir) -> Path:
 @pytest.fixture(scope="module")
 def served(model_dir, voices, tmp_path_factory):
     dump = tmp_path_factory.mktemp("dump")
-    s = Served(model_dir, "--voices", voices, "--debug-dump", dump, "--max-lag-ms", "20000")
+    s = Served(model_dir, "--voices", voices, "--debug-dump", dump, "--max-lag-ms", "20000",
+               "--allow-origin", "http://friend.example:3000", "--idle-timeout-s", 4)  # fmt: skip
     s.dump = dump
     yield s
     s.stop()
@@ -279,6 +280,13 @@ def test_second_client_is_told_busy_at_once(server):
     assert waited < 5  # not made to wait for the first conversation to end
 
 
+def test_a_client_that_sends_no_audio_is_closed(server):
+    t0 = time.monotonic()
+    errors, closed = asyncio.run(exchange(server.ws(), [b"\x06", b"\x03\x00"], wait_s=30))
+    assert closed and errors == ["no audio for 4 s: closing"]  # pings are not audio
+    assert time.monotonic() - t0 < 25
+
+
 def test_websocket_refuses_a_foreign_origin(server):
     import aiohttp
 
@@ -293,11 +301,12 @@ def test_websocket_refuses_a_foreign_origin(server):
         with pytest.raises(aiohttp.WSServerHandshakeError) as e:
             asyncio.run(exchange(server.ws(), [], headers={"Origin": origin, "Host": host}))
         assert e.value.status == 403, origin
-    # The page's own origin is welcome.
-    server.wait_idle()
-    own = {"Origin": f"http://localhost:{port}", "Host": f"localhost:{port}"}
-    errors, _ = asyncio.run(exchange(server.ws(), [b"\x06"], headers=own, wait_s=1))
-    assert errors == []
+    # The page's own origin is welcome, and so is --allow-origin's.
+    for origin in (f"http://localhost:{port}", "http://friend.example:3000"):
+        server.wait_idle()
+        own = {"Origin": origin, "Host": f"localhost:{port}"}
+        errors, _ = asyncio.run(exchange(server.ws(), [b"\x06"], headers=own, wait_s=1))
+        assert errors == []
 
 
 def test_bad_clients_get_an_error_and_the_server_goes_on(server):
@@ -417,7 +426,26 @@ def test_token_rule_on_a_non_loopback_bind(model_dir, tmp_path):
 def test_ctrl_c_during_a_conversation_stops_cleanly_and_keeps_the_recording(model_dir, tmp_path):
     from moshi_mlx.app.wavio import read_wav
 
-    s = Served(model_dir, "--record-dir", tmp_path / "rec")
+    static = tmp_path / "kyutai-client-build"
+    (static / "assets").mkdir(parents=True)
+    (static / "index.html").write_text("<title>their page</title>")
+    (static / "assets" / "app.js").write_text("// their code")
+    (tmp_path / "secret.txt").write_text("not served")
+    s = Served(model_dir, "--record-dir", tmp_path / "rec", "--static", static)
+    import urllib.error
+    import urllib.request
+
+    def get(path):
+        try:
+            with urllib.request.urlopen(s.http(path), timeout=10) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, ""
+
+    assert get("/") == (200, "<title>their page</title>")
+    assert get("/assets/app.js") == (200, "// their code")
+    assert get("/../secret.txt")[0] in (403, 404)
+    assert get("/%2e%2e/secret.txt")[0] in (403, 404)
     stopped = {}
 
     async def talk_then_stop():
@@ -430,9 +458,10 @@ def test_ctrl_c_during_a_conversation_stops_cleanly_and_keeps_the_recording(mode
 
     try:
         reply = asyncio.run(talk_then_stop())
+        code = s.proc.wait(timeout=60)  # from the one Ctrl-C
     finally:
-        stopped["code"], _, stopped["err"] = s.stop()
-    assert stopped["code"] in (0, 130), stopped["err"]
+        _, _, stopped["err"] = s.stop()
+    assert code in (0, 130), stopped["err"]
     assert reply.closed_by_server and len(reply.audio) > 0
     (wav,) = (tmp_path / "rec").glob("conversation-*.wav")
     x, rate = read_wav(wav)
