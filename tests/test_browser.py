@@ -71,6 +71,19 @@ def test_page_talks_through_the_browser(model_dir, tmp_path):
                 page.wait_for_function("window.moshi.state === 'idle'")
             finally:
                 browser.close()
+            # Without the fake permission prompt, headless Chromium refuses the microphone.
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                        args=["--use-fake-device-for-media-stream",
+                                              "--no-sandbox"])  # fmt: skip
+            try:
+                page = browser.new_page()
+                page.goto(url)
+                page.click("#talk")
+                page.wait_for_selector("#message:not([hidden])", timeout=30_000)
+                assert "microphone was refused" in page.inner_text("#message")
+                assert page.evaluate("window.moshi.state") == "idle"
+            finally:
+                browser.close()
     finally:
         code, _, err = server.stop()
     assert errors == []

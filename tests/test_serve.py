@@ -380,9 +380,9 @@ def test_token_rule_on_a_non_loopback_bind(model_dir, tmp_path):
     except OSError:
         pytest.skip("127.0.0.2 is not a loopback address here")
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
-    s = Served(model_dir, "--host", "127.0.0.2", env=env)
+    s = Served(model_dir, "--host", "127.0.0.2", "--token", "my-own-token", env=env)
     try:
-        assert s.scheme == "https" and s.token
+        assert s.scheme == "https" and s.token == "my-own-token"
         cert = tmp_path / "moshi-mlx" / "serve" / "cert.pem"
         key = cert.with_name("key.pem")
         assert (key.stat().st_mode & 0o777) == 0o600
@@ -414,13 +414,19 @@ def test_token_rule_on_a_non_loopback_bind(model_dir, tmp_path):
     finally:
         code, _, err = s.stop()
     assert code in (0, 130), err
-    # The certificate is made once: a second start keeps it.
+    # The certificate is made once: the next start keeps it.
+    from moshi_mlx.app import serve
+
     mtime = cert.stat().st_mtime_ns
-    s = Served(model_dir, "--host", "127.0.0.2", "--token", "my-own-token", env=env)
+    os.environ["XDG_CACHE_HOME"], saved = str(tmp_path), os.environ.get("XDG_CACHE_HOME")
     try:
-        assert s.token == "my-own-token" and cert.stat().st_mtime_ns == mtime
+        assert serve.self_signed_certificate() == (cert, key)
     finally:
-        s.stop()
+        if saved is None:
+            del os.environ["XDG_CACHE_HOME"]
+        else:
+            os.environ["XDG_CACHE_HOME"] = saved
+    assert cert.stat().st_mtime_ns == mtime
 
 
 def test_ctrl_c_during_a_conversation_stops_cleanly_and_keeps_the_recording(model_dir, tmp_path):
@@ -467,3 +473,36 @@ def test_ctrl_c_during_a_conversation_stops_cleanly_and_keeps_the_recording(mode
     x, rate = read_wav(wav)
     assert rate == 24000 and x.shape[1] == 2 and len(x) >= 10 * FRAME
     assert wav.with_name(wav.stem + ".transcript.txt").is_file()
+
+
+def test_query_string_becomes_the_conversation_settings(tmp_path):
+    from moshi_mlx.app.serve import settings_from_query, voice_names
+    from moshi_mlx.errors import MoshiError
+    from moshi_mlx.sampling import PRESETS
+
+    base = PRESETS["top-k"].replace(seed=3)
+    s = settings_from_query({**WEB_CLIENT_QUERY, "text_temperature": "0.5", "audio_topk": "100",
+                             "text_seed": "11"}, base, None)  # fmt: skip
+    assert (s.sampling.temp_text, s.sampling.top_k, s.sampling.seed) == (0.5, 100, 11)
+    assert s.ignored == {"pad_mult": 0.0, "repetition_penalty_context": 64.0,
+                         "repetition_penalty": 1.0}  # fmt: skip
+    assert settings_from_query({}, base, None).sampling == base
+    same = settings_from_query({"text_seed": "5", "audio_seed": "5"}, base, None)
+    assert same.sampling.seed == 5
+    mixed = [settings_from_query({"text_seed": "5", "audio_seed": a}, base, None).sampling.seed
+             for a in ("6", "6", "7")]  # fmt: skip
+    assert mixed[0] == mixed[1] != mixed[2] and 0 <= mixed[0] < 2**63
+    for query, message in [
+        ({"text_temperature": "nan"}, "text_temperature must be a number"),
+        ({"text_topk": "2.5"}, "text_topk must be an integer"),
+        ({"text_prompt": "x" * 4001}, "text_prompt is longer"),
+        ({"voice_prompt": "alice"}, "this server has no voices"),
+    ]:
+        with pytest.raises(MoshiError, match=message):
+            settings_from_query(query, base, None)
+    (tmp_path / "alice.safetensors").write_bytes(b"")
+    (tmp_path / ".hidden.safetensors").write_bytes(b"")
+    (tmp_path / "notes.txt").write_bytes(b"")
+    assert voice_names(tmp_path) == ["alice"]
+    s = settings_from_query({"voice_prompt": "alice", "text_prompt": " a pirate "}, base, tmp_path)
+    assert s.voice == tmp_path / "alice.safetensors" and s.text_prompt == "a pirate"
