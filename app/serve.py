@@ -255,7 +255,8 @@ class Conversation:
         self.started = loop.create_future()  # set by the compute thread: None or an error
         self.done = loop.create_future()  # set when the compute thread is through with it
         self.frames_in = 0
-        self.dropped_mic = 0  # skipped by the lag policy or lost to a full queue
+        self.dropped_mic = 0  # skipped by the lag policy (compute thread)
+        self.lost_mic = 0  # pushed out of a full queue (event loop)
         self.dropped_out = 0  # answers the client was too slow to take
         self.latency_s: list[float] = []  # frame received -> its answer sent (last few)
         self.compute_s: list[float] = []
@@ -268,7 +269,7 @@ class Conversation:
             except queue.Full:
                 try:
                     self.mic.get_nowait()
-                    self.dropped_mic += 1
+                    self.lost_mic += 1
                 except queue.Empty:
                     pass
 
@@ -292,12 +293,15 @@ class Conversation:
 
         self.loop.call_soon_threadsafe(set_value)
 
+    def dropped(self) -> int:
+        return self.dropped_mic + self.lost_mic + self.dropped_out
+
     def stats(self) -> dict:
         latency = self.latency_s[-25:]
         compute = self.compute_s[-25:]
         return {
             "frames": self.frames_in,
-            "dropped": self.dropped_mic + self.dropped_out,
+            "dropped": self.dropped(),
             "server_latency_ms": round(float(np.median(latency)) * 1000, 1) if latency else None,
             "compute_ms": round(float(np.median(compute)) * 1000, 1) if compute else None,
         }
@@ -453,7 +457,7 @@ class ComputeWorker(threading.Thread):
         from .wavio import temp_beside
 
         arrays = {k: np.asarray(v) for k, v in dump.items()}
-        arrays["dropped"] = np.asarray(conv.dropped_mic + conv.dropped_out)
+        arrays["dropped"] = np.asarray(conv.dropped())
         arrays["seed"] = np.asarray(self.driver.gen.seed, np.uint64)
         path = Path(self.args.debug_dump) / f"conversation-{conv.number}.npz"
         tmp = temp_beside(path)
