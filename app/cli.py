@@ -35,6 +35,7 @@ SUBCOMMANDS = {
     "bench": ("moshi_mlx.app.bench", "time the frame step (real-time factor, memory)"),
     "transcribe": ("moshi_mlx.app.transcribe", "speech to text: WAV files or live captions"),
     "persona": ("moshi_mlx.app.persona", "prepare a voice prompt for PersonaPlex (persona save)"),
+    "serve": ("moshi_mlx.app.serve", "talk with Moshi from a web page (Kyutai's protocol)"),
 }
 BUG_EXIT = 70  # sysexits' EX_SOFTWARE
 PROG = "moshi-mlx"
