@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable, Collection
+from pathlib import Path
 
 DEFAULT_MODEL = "kyutai/moshiko-mlx-q4"
 KYUTAI_REPOS = {(4, 32): "kyutai/moshiko-mlx-q4", (8, 64): "kyutai/moshiko-mlx-q8"}

@@ -101,7 +101,6 @@ def voice_prompt_from_pcm(mimi, pcm: np.ndarray, sample_rate: int) -> mx.array:
     import mlx.core as mx
 
     from .loudness import normalize_loudness
-
     from .mimi import Mimi
 
     validate.instance("mimi", mimi, Mimi, "a Mimi")
@@ -198,10 +197,9 @@ def load_voice_prompt(path: str | Path, mimi) -> mx.array:
     header, before reading the codes)."""
     import mlx.core as mx
 
+    from .mimi import Mimi
     from .outputs import check_input
     from .weights import CheckpointError, check_safetensors
-
-    from .mimi import Mimi
 
     path = validate.path("path", path)
     validate.instance("mimi", mimi, Mimi, "a Mimi")
