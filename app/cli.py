@@ -150,15 +150,13 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-# ``.NAME.KIND-PID-XXXXXXXX``: a writer's temporary beside NAME (moshi_mlx.leftovers).
-_TEMPORARY = re.compile(r"\.(.+)\.[a-z]+-\d+-[0-9a-f]{8}")
-
-
 def _destination(filename) -> str:
     """The path a user named, for a writer's temporary (which they never named)."""
+    from moshi_mlx.leftovers import destination_name
+
     path = Path(os.fsdecode(filename))
-    m = _TEMPORARY.fullmatch(path.name)
-    return str(path.with_name(m[1])) if m else str(path)
+    name = destination_name(path.name)
+    return str(path.with_name(name)) if name else str(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,11 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def check_voice_file(path: str, what: str) -> str:
     """What the voice file ``path`` is (``"wav"`` or ``"safetensors"``, told by its bytes), a
     WAV's length checked from its header; one line otherwise, before any model is loaded."""
-    from moshi_mlx import persona
     from moshi_mlx.errors import MoshiError
     from moshi_mlx.outputs import check_input
 
-    check_input(path, what)
+    check_input(path, what)  # before importing the library's persona code (and MLX)
+    from moshi_mlx import persona
+
     kind = persona.voice_file_kind(path)
     if kind == "torch":
         raise MoshiError(f"{what} {path}: {persona.TORCH_REFUSED}")

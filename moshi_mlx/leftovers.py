@@ -115,6 +115,13 @@ def pattern(dest: Path, kinds: tuple[str, ...]) -> re.Pattern:
     return re.compile(rf"\.{re.escape(dest.name)}\.(?:{alternatives})-[0-9a-f]{{{_TOKEN}}}")
 
 
+def destination_name(name: str) -> str | None:
+    """The name of the destination a temporary called ``name`` is written for, or None when
+    ``name`` is not a temporary's (error messages name what the user named)."""
+    m = re.fullmatch(rf"\.(.+)\.[a-z]+-[0-9a-f]{{{_TOKEN}}}", name)
+    return m[1] if m else None
+
+
 def remove_stale(dest: Path, kinds: tuple[str, ...]) -> list[Path]:
     """Remove the temporaries of ``dest`` whose writers are gone and that provably are ours
     (see the module docstring); returns what was removed. Never raises for what it finds."""

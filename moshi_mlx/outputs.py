@@ -87,7 +87,7 @@ def check_input(path: str | Path, what: str = "the input") -> Path:
     except OSError as e:
         raise MoshiError(f"{what}: cannot read {path}: {e.strerror or e}") from None
     if not stat.S_ISREG(st.st_mode):
-        raise MoshiError(f"{what}: {path} is {describe(st.st_mode)}, not a file")
+        raise MoshiError(f"{what}: {path} is {describe(st.st_mode)}; give a file")
     return path
 
 
@@ -102,7 +102,7 @@ def open_input(path: str | Path, what: str = "the input"):
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
-        raise MoshiError(f"{what}: {path} is {describe(mode)}, not a file")
+        raise MoshiError(f"{what}: {path} is {describe(mode)}; give a file")
     if hasattr(os, "set_blocking"):
         os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")

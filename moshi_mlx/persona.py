@@ -52,17 +52,12 @@ def wrap_with_system_tags(text: str) -> str:
 
 def check_text_prompt(text: str) -> str:
     """``text`` if it can be a text prompt: valid text of at most ``MAX_TEXT_CHARS``."""
-    if not isinstance(text, str):
-        raise MoshiError(f"the text prompt must be a string, got {type(text).__name__}")
+    text = validate.text("text", text)
     if len(text) > MAX_TEXT_CHARS:
         raise MoshiError(
             f"the text prompt has {len(text)} characters; a role needs a paragraph, at most "
             f"{MAX_TEXT_CHARS} characters ({MAX_TEXT_TOKENS} tokens)"
         )
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise MoshiError("the text prompt is not valid text (it holds invalid UTF-8)") from None
     return text
 
 
