@@ -454,16 +454,18 @@ class ComputeWorker(threading.Thread):
         raise MoshiError(f"--record-dir {folder}: too many recordings named {stamp}")
 
     def _write_dump(self, conv: Conversation, dump: dict) -> None:
-        from .wavio import temp_beside
+        from moshi_mlx.outputs import write_output
 
         arrays = {k: np.asarray(v) for k, v in dump.items()}
         arrays["dropped"] = np.asarray(conv.dropped())
         arrays["seed"] = np.asarray(self.driver.gen.seed, np.uint64)
         path = Path(self.args.debug_dump) / f"conversation-{conv.number}.npz"
-        tmp = temp_beside(path)
-        with open(tmp, "xb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+        write_output(path, write, what="--debug-dump", suffix=".npz")
 
 
 DUMP_KEYS = ("frame_index", "pcm_in", "pcm_out", "user_codes", "codes", "text")
