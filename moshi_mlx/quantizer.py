@@ -82,9 +82,9 @@ class SplitResidualVectorQuantizer(nn.Module):
 
     def decode(self, codes: mx.array) -> mx.array:
         """Codes ``[B, T, K]`` -> ``[B, T, input_dim]``. Codes past the codebooks (unchecked
-        ones, ``decode_step(check=False)``) are clipped on the device, all levels at once: a
-        gather out of range reads other memory or crashes."""
-        codes = mx.clip(codes, 0, self.bins - 1)
+        ones, ``decode_step(check=False)``) are wrapped into them on the device, all levels in
+        one op: a gather out of range reads other memory or crashes."""
+        codes = mx.remainder(codes, self.bins)
         out = self.rvq_first.decode(codes[..., :1])
         if codes.shape[-1] > 1:
             out = out + self.rvq_rest.decode(codes[..., 1:])
