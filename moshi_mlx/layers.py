@@ -14,8 +14,10 @@ def _zero_negative(ids: mx.array, out: mx.array) -> mx.array:
 
 def _in_table(ids: mx.array, rows: int) -> mx.array:
     # An id past the table would make the gather read (or crash on) other memory: ids that
-    # skipped the host-side checks (``check=False``) are clipped on the device, at no sync.
-    return mx.clip(ids, 0, rows - 1)
+    # skipped the host-side checks (``check=False``) are wrapped into it on the device, with
+    # no sync, in one op (as many as the ``maximum(ids, 0)`` it replaces; negative ids are
+    # zeroed after the lookup).
+    return mx.remainder(ids, rows)
 
 
 class ZeroEmbedding(nn.Embedding):

@@ -32,13 +32,6 @@ class Codebook(nn.Module):
         """``embedding_sum / max(cluster_usage, 1e-5)``: the code vectors, ``[bins, dim]``."""
         return self._centroids_and_half_norms()[0]
 
-    def lookup(self, codes: mx.array) -> mx.array:
-        """The code vectors of ``codes`` ``[...]`` -> ``[..., dim]``. Codes past the table
-        (unchecked ones, ``decode_step(check=False)``) are clipped on the device: a gather out
-        of range reads other memory or crashes."""
-        centroids = self.centroids()
-        return centroids[mx.clip(codes, 0, centroids.shape[0] - 1)]
-
     def nearest(self, x: mx.array) -> mx.array:
         """Index of the closest centroid (Euclidean) for each vector of ``x`` ``[..., dim]``."""
         centroids, half_norms = self._centroids_and_half_norms()
@@ -67,7 +60,7 @@ class ResidualVectorQuantizer(nn.Module):
         """``[B, T, K]`` -> ``[B, T, input_dim]``; levels beyond ``K`` are not used."""
         quantized = 0.0
         for k in range(codes.shape[-1]):
-            quantized = quantized + self.codebooks[k].lookup(codes[..., k])
+            quantized = quantized + self.codebooks[k].centroids()[codes[..., k]]
         return self.output_proj(quantized)
 
 
@@ -88,6 +81,10 @@ class SplitResidualVectorQuantizer(nn.Module):
         return codes
 
     def decode(self, codes: mx.array) -> mx.array:
+        """Codes ``[B, T, K]`` -> ``[B, T, input_dim]``. Codes past the codebooks (unchecked
+        ones, ``decode_step(check=False)``) are wrapped into them on the device, all levels in
+        one op: a gather out of range reads other memory or crashes."""
+        codes = mx.remainder(codes, self.bins)
         out = self.rvq_first.decode(codes[..., :1])
         if codes.shape[-1] > 1:
             out = out + self.rvq_rest.decode(codes[..., 1:])

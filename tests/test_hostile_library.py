@@ -110,24 +110,25 @@ def logits(lm, codes: int, text: int, check: bool) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("model", ["float", "q4"])
-def test_unchecked_codes_past_the_tables_read_the_last_entry(lm, model):
+def test_unchecked_codes_past_the_tables_wrap_into_them(lm, model):
     if model == "q4":
         lm = moshi_mlx.load_lm(Q4, QUANT_DIR / "config.json")
     huge = logits(lm, 10**9, 10**9, check=False)
-    # the tables' last rows: the initial tokens (card, text_card), which callers never give
-    last = logits(lm, lm.cfg.card, lm.cfg.text_card, check=False)
+    # the tables have card + 1 and text_card + 1 rows (the last: the initial token)
+    wrapped = logits(lm, 10**9 % (lm.cfg.card + 1), 10**9 % (lm.cfg.text_card + 1), check=True)
     first = logits(lm, 0, 0, check=True)
-    for a, b in zip(huge, last, strict=True):
+    for a, b in zip(huge, wrapped, strict=True):
         np.testing.assert_array_equal(a, b)
         assert np.isfinite(a).all()
     assert any((a != c).any() for a, c in zip(huge, first, strict=True))  # the codes matter
 
 
-def test_unchecked_codes_past_the_codebooks_decode_as_the_last_code(mimi):
+def test_unchecked_codes_past_the_codebooks_wrap_into_them(mimi):
     outs = []
-    for codes in (mx.full((1, 8, 2), 10**9, mx.int32), mx.full((1, 8, 2), 2047, mx.int32)):
+    for value in (10**9, 10**9 % 2048):
+        codes = mx.full((1, 8, 2), value, mx.int32)
         mimi.reset()
-        outs.append(np.array(mimi.decode_step(codes, check=False)))
+        outs.append(np.array(mimi.decode_step(codes, check=value < 2048)))
     mimi.reset()
     np.testing.assert_array_equal(outs[0], outs[1])
     assert np.abs(outs[1]).max() > 0
