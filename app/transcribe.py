@@ -14,6 +14,7 @@ import json
 import math
 import queue
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,31 +187,33 @@ def transcribe_files(args: argparse.Namespace, load, say) -> int:
     size = args.batch_size or min(len(args.files), DEFAULT_BATCH)
     if not 1 <= size <= MAX_BATCH:
         raise MoshiError(f"--batch-size must be in [1, {MAX_BATCH}], got {size}")
-    readers = []
-    try:
-        for name in args.files:  # every file checked before the model loads
-            readers.append(WavReader(name))
-        lm, mimi, tokenizer = load()
-        results: list[Transcript] = []
-        with Progress() as progress:
-            for start in range(0, len(readers), size):
-                group = readers[start : start + size]
-                label = f"transcribing {len(group)} file{'s' * (len(group) > 1)}"
-                advance = progress.task(label)
-                results += transcribe_batch(lm, mimi, tokenizer, group, args, advance)
-    finally:
-        for reader in readers:
-            reader.close()
+    with warnings.catch_warnings():  # every file checked before the model loads (a
+        warnings.simplefilter("ignore")  # truncated one warns when it is read)
+        for name in args.files:
+            WavReader(name).close()
+    lm, mimi, tokenizer = load()
     several = len(args.files) > 1
-    for name, path, result in zip(args.files, paths, results, strict=True):
-        text = render(result, args.format)
-        if path is not None:
-            write_output(path, text, args.force)
-            say(f"wrote {path}")
-        else:
-            if several and args.format != "json":
-                print(f"==> {name} <==")
-            print(text, end="", flush=True)
+    with Progress() as progress:
+        for start in range(0, len(args.files), size):  # a batch's files open at a time
+            names = args.files[start : start + size]
+            readers = [WavReader(name) for name in names]
+            try:
+                label = f"transcribing {len(readers)} file{'s' * (len(readers) > 1)}"
+                results = transcribe_batch(lm, mimi, tokenizer, readers, args,
+                                           progress.task(label))  # fmt: skip
+            finally:
+                for reader in readers:
+                    reader.close()
+            # each batch's transcripts as soon as they are done
+            for name, path, result in zip(names, paths[start:], results, strict=False):
+                text = render(result, args.format)
+                if path is not None:
+                    write_output(path, text, args.force)
+                    say(f"wrote {path}")
+                else:
+                    if several and args.format != "json":
+                        print(f"==> {name} <==")
+                    print(text, end="", flush=True)
     return 0
 
 
