@@ -946,7 +946,10 @@ async def _serve(server: Server, context, cert, token: str, stop: threading.Even
         if server.busy is not None:
             server.busy.ended.set()
         for ws in list(server.sockets):
-            await ws.close()
+            try:
+                await asyncio.wait_for(ws.close(), 2.0)
+            except (asyncio.TimeoutError, ConnectionError):
+                pass  # the runner's clean-up cuts it
         await runner.cleanup()
     _say("stopped")
     return 0
