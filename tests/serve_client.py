@@ -64,8 +64,8 @@ async def talk(
 ) -> Reply:
     """Connect to ``url`` (``ws[s]://host:port/api/chat``), wait for the handshake, send
     ``frames`` (then ``extra_frames`` of silence, which push the last answers out) one every
-    ``pace_s`` seconds, and collect what comes back until every frame is answered, the
-    server closes, or ``timeout_s``."""
+    ``pace_s`` seconds, then silence in real time, and collect what comes back until every
+    frame is answered, the server closes, or ``timeout_s``."""
     import aiohttp
     import sphn
 
@@ -114,7 +114,10 @@ async def talk(
                     sent.append(time.monotonic())
                     await ws.send_bytes(b"\x01" + writer.append_pcm(pcm))
                     await asyncio.sleep(pace_s)
-                await asyncio.sleep(timeout_s)
+                while True:  # then silence in real time, as a microphone goes on
+                    sent.append(time.monotonic())
+                    await ws.send_bytes(b"\x01" + writer.append_pcm(silence))
+                    await asyncio.sleep(0.08)
 
             receiver = asyncio.ensure_future(receive())
             sender = asyncio.ensure_future(send())
