@@ -39,7 +39,7 @@ import numpy as np
 PROBE = """
 (() => {
   const probe = window.__probe = {url: null, sent: {}, received: {}, firstSentAudio: null,
-    handshake: null, metadata: [], errors: [], text: "", maxOutputRms: 0, taps: 0};
+    handshake: null, closed: null, metadata: [], errors: [], text: "", maxOutputRms: 0, taps: 0};
   const count = (table, kind) => { table[kind] = (table[kind] || 0) + 1; };
   const Native = window.WebSocket;
   window.WebSocket = function (url, protocols) {
@@ -63,6 +63,7 @@ PROBE = """
       if (bytes[0] === 4) probe.metadata.push(JSON.parse(rest));
       if (bytes[0] === 5) probe.errors.push(rest);
     });
+    ws.addEventListener("close", (e) => { probe.closed = e.code; });
     return ws;
   };
   window.WebSocket.prototype = Native.prototype;
@@ -134,7 +135,24 @@ def stop_server(proc) -> int:
         return proc.wait()
 
 
-def drive(url: str, chromium: str, mic: Path, shot: Path, seconds: float) -> dict:
+def serve_page(folder: Path) -> int:
+    """Serves ``folder`` over http on another port of this machine (a page of another origin,
+    as Kyutai's development server would be); returns the port."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(folder))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd.server_address[1]
+
+
+def drive(url: str, chromium: str, mic: Path, shot: Path, seconds: float, refused: bool) -> dict:
     from playwright.sync_api import sync_playwright
 
     page_errors, console_errors, failed_requests = [], [], []
@@ -163,17 +181,24 @@ def drive(url: str, chromium: str, mic: Path, shot: Path, seconds: float) -> dic
             )
             page.goto(url)
             page.get_by_role("button", name="Connect").click()
-            page.wait_for_function("window.__probe.handshake !== null", timeout=120_000)
-            # Moshi's text shows in the page and its audio reaches the page's output.
-            page.wait_for_function(
-                "window.__probe.text.trim().length > 20 && window.__probe.maxOutputRms > 0.01",
-                timeout=120_000,
-            )
-            time.sleep(seconds)  # let the conversation run (and the page's visualisers fill)
-            page.screenshot(path=str(shot))
-            probe = page.evaluate("window.__probe")
-            probe["page_text"] = page.inner_text(".player-text")
-            probe["disconnect_button"] = page.get_by_role("button", name="Disconnect").count()
+            if refused:  # the WebSocket closes without a handshake
+                page.wait_for_function("window.__probe.closed !== null", timeout=60_000)
+                page.wait_for_timeout(1000)
+                page.screenshot(path=str(shot))
+                probe = page.evaluate("window.__probe")
+                probe.update(page_text="", disconnect_button=0)
+            else:
+                page.wait_for_function("window.__probe.handshake !== null", timeout=120_000)
+                # Moshi's text shows in the page and its audio reaches the page's output.
+                page.wait_for_function(
+                    "window.__probe.text.trim().length > 20 && window.__probe.maxOutputRms > 0.01",
+                    timeout=120_000,
+                )
+                time.sleep(seconds)  # let the conversation run (and the page's visualisers fill)
+                page.screenshot(path=str(shot))
+                probe = page.evaluate("window.__probe")
+                probe["page_text"] = page.inner_text(".player-text")
+                probe["disconnect_button"] = page.get_by_role("button", name="Disconnect").count()
         finally:
             browser.close()
     probe["page_errors"] = page_errors
@@ -182,8 +207,12 @@ def drive(url: str, chromium: str, mic: Path, shot: Path, seconds: float) -> dic
     return probe
 
 
-def check(probe: dict) -> list[str]:
+def check(probe: dict, refused: bool) -> list[str]:
     """What failed, in words (empty: all passed)."""
+    if refused:
+        if probe["handshake"] is not None or probe["closed"] is None:
+            return ["the page of another origin was let in"]
+        return []
     failed = []
     url = probe["url"] or ""
     if "/api/chat?" not in url:
@@ -225,6 +254,11 @@ def main() -> int:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     ap.add_argument("--chromium", default=chromium)
     ap.add_argument("--seconds", type=float, default=4.0, help="talk this long once it answers")
+    ap.add_argument("--foreign-page", choices=("allowed", "refused"),
+                    help="serve the page from another port (as Kyutai's development server "
+                    "would) and point it at the server with its ?worker_addr=: the server is "
+                    "given --allow-origin for it (allowed) or not (refused: the page must not "
+                    "get in)")  # fmt: skip
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     args = ap.parse_args(argv[:cut])
@@ -236,23 +270,35 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         mic = Path(tmp) / "mic.wav"
         voice_like_wav(mic, 30.0)  # Chromium loops it
-        proc, url = start_server(args.moshi_mlx, args.client, args.model, args.server_flags)
+        flags = args.server_flags
+        if args.foreign_page:
+            page_port = serve_page(args.client)
+            if args.foreign_page == "allowed":
+                flags = [*flags, "--allow-origin", f"http://localhost:{page_port}"]
+        proc, url = start_server(args.moshi_mlx, args.client, args.model, flags)
+        if args.foreign_page:
+            server = url.split("//", 1)[1].rstrip("/")
+            url = f"http://localhost:{page_port}/?worker_addr={server}"
+        print(f"page: {url}", flush=True)
+        refused = args.foreign_page == "refused"
         try:
-            probe = drive(url, args.chromium, mic, args.screenshot, args.seconds)
+            probe = drive(url, args.chromium, mic, args.screenshot, args.seconds, refused)
         finally:
             code = stop_server(proc)
     print(f"url={probe['url']}")
     print(f"first_metadata={json.dumps(probe['metadata'][:1])}")
-    print(f"handshake={probe['handshake']}")
+    print(f"handshake={probe['handshake']} closed={probe['closed']}")
     print(f"sent_by_kind={json.dumps(probe['sent'])} first_sent_audio={probe['firstSentAudio']}")
     print(f"received_by_kind={json.dumps(probe['received'])}")
     print(f"max_output_rms={probe['maxOutputRms']:.4f} output_taps={probe['taps']}")
     print(f"text={probe['text'][:200]!r}")
     print(f"failed_requests={probe['failed_requests']}")
-    errors = sorted(set(e[:100] for e in probe["console_errors"]))
+    errors = sorted(
+        set(e if len(e) < 160 else e[:60] + " ... " + e[-90:] for e in probe["console_errors"])
+    )
     print(f"console_errors={len(probe['console_errors'])} distinct={json.dumps(errors)}")
     print(f"server_exit={code} screenshot={args.screenshot}")
-    failed = check(probe)
+    failed = check(probe, refused)
     if code not in (0, 130):
         failed.append(f"the server exited with {code}")
     for line in failed:
