@@ -108,11 +108,12 @@ def voice_like_wav(path: Path, seconds: float) -> None:
         w.writeframes((x * 32767).astype("<i2").tobytes())
 
 
-def start_server(moshi_mlx: str, client: Path, model: Path, flags: list[str]):
-    cmd = [moshi_mlx, "serve", "--static", str(client), "--hf-path", str(model), "--port", "0",
-           *flags]  # fmt: skip
+def start_server(moshi_mlx: str, client: Path | None, model: Path, flags: list[str], env=None):
+    """``moshi-mlx serve`` on a free port (``--static client`` unless None): (process, URL)."""
+    static = [] if client is None else ["--static", str(client)]
+    cmd = [moshi_mlx, "serve", *static, "--hf-path", str(model), "--port", "0", *flags]
     print("server: " + " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         line = proc.stdout.readline()

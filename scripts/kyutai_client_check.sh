@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# Kyutai's web client, unchanged, against `moshi-mlx serve --static` in headless Chromium.
+# Kyutai's clients, unchanged, against `moshi-mlx serve`: their web client in headless Chromium
+# (scripts/kyutai_client_check.py), or with --cli their command-line client on a virtual sound
+# card (scripts/kyutai_cli_check.py).
 #
-# Not part of CI: it needs Kyutai's client built from its source (github.com/kyutai-labs/moshi,
-# folder client/), which CI cannot fetch. Build it once, anywhere:
+# Not part of CI: the web client must be built from its source (github.com/kyutai-labs/moshi,
+# folder client/), which CI cannot fetch, and --cli installs PyPI's `moshi` in a throwaway venv.
+# Build the web client once, anywhere:
 #   git clone https://github.com/kyutai-labs/moshi && cd moshi/client && npm ci && npm run build
 # then, from this repository (with its .venv, `pip install -e ".[dev]"`, and chromium installed):
 #   scripts/kyutai_client_check.sh PATH/TO/moshi/client/dist [MODEL] [-- SERVER FLAGS...]
+#   scripts/kyutai_client_check.sh --cli [MODEL]    (pulseaudio: scripts/audio_env.sh install)
 # MODEL is a folder `moshi-mlx serve --hf-path` takes; without it the test suite's fixture model
 # (tiny LM and Mimi from tests/fixtures, converted as tests/conftest.py does) is built in a
 # temporary folder. SCREENSHOT=FILE (default ./kyutai-client.png) keeps the page's picture.
-# What it checks and the results: docs/kyutai-clients.md. Exit 0 when every check passes.
+# What they check and the results: docs/kyutai-clients.md. Exit 0 when every check passes.
 set -euo pipefail
 
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -23,7 +27,7 @@ if [[ ! -x $PY ]]; then
     PY=python3
     MOSHI_MLX="$(command -v moshi-mlx)"
 fi
-CLIENT="$1"
+CLIENT="$1"  # or --cli
 shift
 MODEL=""
 if [[ $# -gt 0 && $1 != -- ]]; then
@@ -58,6 +62,10 @@ EOF
     )
 fi
 
+if [[ $CLIENT == --cli ]]; then
+    "$PY" "$ROOT/scripts/kyutai_cli_check.py" "$MODEL" --moshi-mlx "$MOSHI_MLX"
+    exit
+fi
 "$PY" "$ROOT/scripts/kyutai_client_check.py" "$CLIENT" "$MODEL" \
     --moshi-mlx "$MOSHI_MLX" --screenshot "${SCREENSHOT:-kyutai-client.png}" \
     -- "$@"
