@@ -75,6 +75,9 @@ MAX_MESSAGE = 64 * 1024  # bytes: one Ogg page of 20-80 ms of Opus is well under
 MAX_PCM_PER_MESSAGE = 25 * FRAME  # a message decoding to more than 2 s of audio is refused
 OUTBOX_FRAMES = 50  # answers waiting to be sent (4 s); the lag policy keeps it near empty
 SEND_TIMEOUT_S = 5.0  # a client that reads nothing for this long is dropped
+# The kernel's send buffer of a conversation's socket (Linux doubles it): without a limit it
+# grows to megabytes, minutes of Ogg Opus, before a client that stopped reading is noticed.
+SEND_BUFFER = 64 * 1024
 START_TIMEOUT_S = 120.0  # the compute thread's set-up of a conversation (persona prompt)
 STATS_EVERY_S = 1.0
 MAX_TEXT_PROMPT = 4000  # characters
@@ -587,6 +590,9 @@ class Server:
 
         if not self._origin_ok(request):
             raise web.HTTPForbidden(text="forbidden: this page's origin may not connect\n")
+        sock = request.transport.get_extra_info("socket") if request.transport else None
+        if sock is not None:  # a fixed buffer: a client that reads nothing blocks us soon
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE, autoping=True, heartbeat=None)
         await ws.prepare(request)
         self.sockets.add(ws)
@@ -610,13 +616,28 @@ class Server:
                     self.busy = None
         finally:
             self.sockets.discard(ws)
-            if not ws.closed:
-                await ws.close()
+            await self._close(ws, request)
         return ws
 
+    async def _close(self, ws, request) -> None:
+        """Close the WebSocket; a client that reads nothing cannot take the close message
+        either: its connection is cut."""
+        transport = request.transport
+        try:
+            if transport is None or not transport.get_write_buffer_size():
+                await asyncio.wait_for(ws.close(), SEND_TIMEOUT_S)
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+        # Data it never took would keep the connection open for good (a transport closes once
+        # its buffer is sent).
+        if transport is not None and transport.get_write_buffer_size():
+            transport.abort()
+
     async def _refuse(self, ws, message: str):
-        await self._send(ws, ERROR, message.encode())
-        await ws.close()
+        try:
+            await self._send(ws, ERROR, message.encode())
+        except (asyncio.TimeoutError, ConnectionError):
+            pass  # closed below
         return ws
 
     async def _send(self, ws, kind: int, payload: bytes = b"") -> None:

@@ -506,3 +506,39 @@ def test_query_string_becomes_the_conversation_settings(tmp_path):
     assert voice_names(tmp_path) == ["alice"]
     s = settings_from_query({"voice_prompt": "alice", "text_prompt": " a pirate "}, base, tmp_path)
     assert s.voice == tmp_path / "alice.safetensors" and s.text_prompt == "a pirate"
+
+
+def test_a_client_that_stops_reading_is_dropped(server):
+    """A client that sends audio but reads nothing (a tiny receive window, so the server's
+    buffers fill within seconds with 16-bit PCM answers) is dropped; the server goes on."""
+    import base64
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (f"GET /api/chat?audio_format=pcm_s16le HTTP/1.1\r\nHost: localhost:{server.port}\r\n"
+         f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+         "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+    )  # fmt: skip
+    response = b""
+    while b"\r\n\r\n" not in response:
+        response += sock.recv(1)
+    assert response.startswith(b"HTTP/1.1 101")
+    payload = b"\x01" + bytes(2 * FRAME)  # kind 1, 80 ms of silence
+    # a masked binary frame (mask key zero: the payload goes as is)
+    frame = b"\x82\xfe" + len(payload).to_bytes(2, "big") + b"\0\0\0\0" + payload
+    t0 = time.monotonic()
+    dropped = False
+    try:
+        while time.monotonic() - t0 < 60:
+            sock.sendall(frame)
+            time.sleep(0.08)
+    except (BrokenPipeError, ConnectionResetError):
+        dropped = True
+    finally:
+        sock.close()
+    assert dropped, "the server kept a client that reads nothing for 60 s"
+    server.wait_idle()
+    assert server.proc.poll() is None
