@@ -288,6 +288,7 @@ def main() -> int:
             code = stop_server(proc)
     print(f"url={probe['url']}")
     print(f"first_metadata={json.dumps(probe['metadata'][:1])}")
+    print(f"last_metadata={json.dumps(probe['metadata'][-1:])}")
     print(f"handshake={probe['handshake']} closed={probe['closed']}")
     print(f"sent_by_kind={json.dumps(probe['sent'])} first_sent_audio={probe['firstSentAudio']}")
     print(f"received_by_kind={json.dumps(probe['received'])}")
