@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import signal
@@ -119,7 +120,7 @@ def start_server(moshi_mlx: str, client: Path | None, model: Path, flags: list[s
         line = proc.stdout.readline()
         if not line:
             break
-        m = re.match(r"open (http://\S+/)", line)
+        m = re.match(r"open (https?://\S+/(\?token=\S+)?)", line)
         if m:
             return proc, m[1]
     proc.kill()
@@ -153,6 +154,41 @@ def serve_page(folder: Path) -> int:
     return httpd.server_address[1]
 
 
+def relay(server_port: int) -> int:
+    """A TCP relay on 127.0.0.3 whose connections reach the server (bound to 127.0.0.2) from
+    127.0.0.2: to the server, a client that is not this machine (whose connections come from
+    127.0.0.1). Returns its port."""
+    import asyncio
+    import threading
+
+    async def pipe(reader, writer):
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def connection(reader, writer):
+        upstream = await asyncio.open_connection("127.0.0.2", server_port,
+                                                 local_addr=("127.0.0.2", 0))  # fmt: skip
+        await asyncio.gather(pipe(reader, upstream[1]), pipe(upstream[0], writer))
+
+    ports = []
+
+    async def run():
+        server = await asyncio.start_server(connection, "127.0.0.3", 0)
+        ports.append(server.sockets[0].getsockname()[1])
+        await asyncio.Event().wait()
+
+    threading.Thread(target=asyncio.run, args=(run(),), daemon=True).start()
+    while not ports:
+        time.sleep(0.02)
+    return ports[0]
+
+
 def drive(url: str, chromium: str, mic: Path, shot: Path, seconds: float, refused: bool) -> dict:
     from playwright.sync_api import sync_playwright
 
@@ -167,10 +203,12 @@ def drive(url: str, chromium: str, mic: Path, shot: Path, seconds: float, refuse
                 "--use-fake-ui-for-media-stream",
                 "--autoplay-policy=no-user-gesture-required",
                 "--no-sandbox",  # CI and containers run as root
+                "--ignore-certificate-errors",  # the server's self-signed one (--other-device)
             ],
         )
         try:
-            page = browser.new_page(viewport={"width": 1024, "height": 900})
+            page = browser.new_page(viewport={"width": 1024, "height": 900},
+                                    ignore_https_errors=True)  # fmt: skip
             page.on("pageerror", lambda e: page_errors.append(str(e)))
             page.on("console", lambda m: m.type == "error" and console_errors.append(m.text))
             page.on("response", lambda r: r.status >= 400 and failed_requests.append(
@@ -180,6 +218,8 @@ def drive(url: str, chromium: str, mic: Path, shot: Path, seconds: float, refuse
             page.add_init_script(
                 f"for (const [k, v] of Object.entries({settings})) localStorage.setItem(k, v);"
             )
+            if "?token=" in url:  # without it the page is refused
+                refusal = page.goto(url.split("?token=")[0]).status
             page.goto(url)
             page.get_by_role("button", name="Connect").click()
             if refused:  # the WebSocket closes without a handshake
@@ -200,6 +240,8 @@ def drive(url: str, chromium: str, mic: Path, shot: Path, seconds: float, refuse
                 probe = page.evaluate("window.__probe")
                 probe["page_text"] = page.inner_text(".player-text")
                 probe["disconnect_button"] = page.get_by_role("button", name="Disconnect").count()
+            if "?token=" in url:
+                probe["without_token"] = refusal
         finally:
             browser.close()
     probe["page_errors"] = page_errors
@@ -260,6 +302,11 @@ def main() -> int:
                     "would) and point it at the server with its ?worker_addr=: the server is "
                     "given --allow-origin for it (allowed) or not (refused: the page must not "
                     "get in)")  # fmt: skip
+    ap.add_argument("--other-device", action="store_true",
+                    help="the page as another device opens it: the server on 127.0.0.2 (https, "
+                    "a self-signed certificate made in a temporary cache folder), reached "
+                    "through a relay whose connections come from 127.0.0.2, the token only in "
+                    "the first URL (the page must then be refused without it)")  # fmt: skip
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     args = ap.parse_args(argv[:cut])
@@ -276,7 +323,14 @@ def main() -> int:
             page_port = serve_page(args.client)
             if args.foreign_page == "allowed":
                 flags = [*flags, "--allow-origin", f"http://localhost:{page_port}"]
-        proc, url = start_server(args.moshi_mlx, args.client, args.model, flags)
+        env = None
+        if args.other_device:
+            flags = [*flags, "--host", "127.0.0.2"]
+            env = {**os.environ, "XDG_CACHE_HOME": str(Path(tmp) / "cache")}
+        proc, url = start_server(args.moshi_mlx, args.client, args.model, flags, env=env)
+        if args.other_device:
+            port, token = re.match(r"https://127.0.0.2:(\d+)/\?token=(\S+)", url).groups()
+            url = f"https://127.0.0.3:{relay(int(port))}/?token={token}"
         if args.foreign_page:
             server = url.split("//", 1)[1].rstrip("/")
             url = f"http://localhost:{page_port}/?worker_addr={server}"
@@ -301,6 +355,10 @@ def main() -> int:
     print(f"console_errors={len(probe['console_errors'])} distinct={json.dumps(errors)}")
     print(f"server_exit={code} screenshot={args.screenshot}")
     failed = check(probe, refused)
+    if "?token=" in url:
+        print(f"page without the token: HTTP {probe['without_token']}")
+        if probe["without_token"] != 403:
+            failed.append("the page was served to another device without the token")
     if code not in (0, 130):
         failed.append(f"the server exited with {code}")
     for line in failed:
