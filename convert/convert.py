@@ -175,6 +175,7 @@ def convert(
     # Lazy: the tensors are read, cast and quantized only as they are written.
     lm_model = load_lm(files.lm_weights, files.lm_config, as_dtype(dtype), quantize)
     report = quantize_report(lm_model)
+    lm_cfg = lm_model.cfg  # without the extra heads a checkpoint may lack
     lm = dict(tree_flatten(lm_model.parameters()))
     mimi = dict(tree_flatten(load_mimi(files.mimi_weights, files.mimi_config).parameters()))
     del lm_model
@@ -205,8 +206,8 @@ def convert(
         quant_entry = {**report.settings.as_dict(), **dict.fromkeys(report.kept, False)}
     config = {
         "format": FORMAT,
-        "model_type": "moshi",
-        "lm": files.lm_config.to_dict(),
+        "model_type": files.lm_config.model_type,
+        "lm": lm_cfg.to_dict(),
         "mimi": files.mimi_config.to_dict(),
         "quantization": quant_entry,
         "dtype": stored_dtype,

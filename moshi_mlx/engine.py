@@ -43,7 +43,7 @@ from .generate import LmGen
 from .lm import Lm
 from .mimi import Mimi
 from .pieces import in_pieces
-from .session import DuplexSession, FrameResult
+from .session import DuplexSession, FrameResult, frame_result
 
 ENGINES = ("serial", "pipelined")
 DEFAULT_ENGINE = "pipelined"
@@ -230,12 +230,14 @@ class PipelinedEngine:
     def _finish(self) -> FrameResult:
         """Wait for the LM's answer to the oldest frame in flight and decode it."""
         index, user = self._pending.popleft()
-        out = self._result()
+        out, heads = self._result()
         if out is None:
             return FrameResult(None, None, user[0], None, index)
-        with self._mimi_pieces():
-            pcm = np.array(self.session.decode(mx.array(out[:, 1:])))  # overlaps the next step
-        return FrameResult(pcm, int(out[0, 0]), user[0], out[0, 1:], index)
+        pcm = None
+        if out.shape[1] > 1:  # a speech-to-text model's frame is its text token only
+            with self._mimi_pieces():
+                pcm = np.array(self.session.decode(mx.array(out[:, 1:])))  # overlaps the next step
+        return frame_result(pcm, out, user, heads, index)
 
     def reset(self) -> None:
         """Start a new conversation: frames in flight are dropped, the LM (on its thread) and
@@ -287,11 +289,16 @@ class PipelinedEngine:
         self.close()
 
 
-def _lm_step(gen: LmGen, user: np.ndarray) -> np.ndarray | None:
-    """One ``LmGen.step`` on the LM thread: the user's codes ``[1, n_user]`` in, Moshi's
-    tokens ``[1, 1 + dep_q]`` out (None while the delays fill), as numpy."""
+def _lm_step(gen: LmGen, user: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """One ``LmGen.step`` on the LM thread: the user's codes ``[B, n_user]`` in, Moshi's
+    tokens ``[B, 1 + dep_q]`` (None while the delays fill) and the extra heads out, as
+    numpy."""
     out = gen.step(mx.array(user), check=False)  # codes from our Mimi: valid by construction
-    return None if out is None else np.array(out)
+    heads = gen.last_extra_heads
+    return (
+        None if out is None else np.array(out),
+        None if heads is None or out is None else np.array(heads),
+    )
 
 
 def make_engine(kind: str, lm: Lm, mimi: Mimi, gen: LmGen) -> SerialEngine | PipelinedEngine:

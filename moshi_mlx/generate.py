@@ -43,7 +43,11 @@ class LmGen:
     a seed replays exactly (``reset`` rewinds it). The temporal KV cache is a rolling window of
     ``context`` steps, so a conversation can go on forever in bounded memory. After each step,
     ``last_input``, ``last_text_logits`` and ``last_audio_logits`` hold the tokens the model
-    read and the logits it sampled from.
+    read and the logits it sampled from, and ``last_extra_heads`` the extra heads'
+    probabilities ``[B, heads, extra_heads_dim]`` (None for a model without them).
+
+    A speech-to-text model (``dep_q`` 0, all delays 0) reads the user's ``n_q`` codebooks and
+    returns ``[B, 1]``, its text token, from the first step.
     """
 
     def __init__(self, lm: Lm, sampling: Sampling | None = None, **fields):
@@ -76,6 +80,7 @@ class LmGen:
         self.tokens: list[list[mx.array | None]] = [[None] * self._ring for _ in range(streams)]
         self.given_at: list[list[int]] = [[-1] * self._ring for _ in range(streams)]
         self._batch: int | None = None
+        self.last_extra_heads: mx.array | None = None
 
     # -- input checks --------------------------------------------------------------------------
 
@@ -198,10 +203,15 @@ class LmGen:
             t1 = time.perf_counter()
             timings["temporal"] = 1000 * (t1 - t0)
 
+        self.last_extra_heads = lm.extra_head_probs(z[:, -1])
         forced, mask = self._forced_next(batch)
-        depformer = self.depformer_step if evaluating_in_pieces() else self._depformer
-        produced, audio_logits = depformer(z, text, forced, mask, audio_key)
-        self.last_audio_logits = [audio_logits[:, k] for k in range(cfg.dep_q)]
+        if cfg.dep_q == 0:  # speech-to-text: the text token is the whole frame
+            produced = mx.where(mask[0], forced[:, 0], text)[:, None]
+            self.last_audio_logits = []
+        else:
+            depformer = self.depformer_step if evaluating_in_pieces() else self._depformer
+            produced, audio_logits = depformer(z, text, forced, mask, audio_key)
+            self.last_audio_logits = [audio_logits[:, k] for k in range(cfg.dep_q)]
         if timings is not None:
             mx.eval(produced)
             timings["depth"] = 1000 * (time.perf_counter() - t1)
@@ -218,7 +228,7 @@ class LmGen:
             for s in range(cfg.dep_q + 1)
         ]
         out = mx.stack(out, axis=1).astype(mx.int32)
-        mx.async_eval(out)
+        mx.async_eval(out if self.last_extra_heads is None else (out, self.last_extra_heads))
         return out
 
     def depformer_step(

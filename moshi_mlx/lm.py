@@ -15,18 +15,20 @@ from .layers import MultiLinear, ZeroEmbedding
 from .pieces import boundary
 from .validate import MAX_COUNT, MAX_DELAY, choice, flag, integer, integers, number
 
-_REQUIRED = (
-    "dim", "num_heads", "num_layers", "text_card", "card", "n_q", "dep_q", "delays",
-    "depformer_dim", "depformer_num_heads", "depformer_num_layers", "depformer_dim_feedforward",
-)  # fmt: skip
+MAX_STT_SECONDS = 60.0  # audio delay or silence prefix of an STT config (Kyutai's: 0.5-2.5 s)
+
+_REQUIRED = ("dim", "num_heads", "num_layers", "text_card", "card", "n_q", "dep_q", "delays")
+# Only a model with a depth transformer (dep_q > 0) needs these; upstream's ``LMModel`` derives
+# ``depformer_dim_feedforward`` from the others when it is absent (or null).
+_REQUIRED_WITH_DEPFORMER = ("depformer_dim", "depformer_num_heads", "depformer_num_layers")
+MODEL_TYPES = ("moshi", "stt")  # upstream's ``model_type``: a dialogue model or speech-to-text
 # Upstream options this implementation has one value of: any other is refused, never ignored.
 _UNSUPPORTED_UNLESS = {
     "gating": ("silu",), "depformer_gating": ("silu",), "positional_embedding": ("rope",),
     "depformer_pos_emb": ("none",), "norm": ("rms_norm_f32", "real_rms_norm_f32"),
     "causal": (True,), "depformer_causal": (True,), "layer_scale": (None,),
     "depformer_layer_scale": (None,), "bias_ff": (False,), "bias_attn": (False,),
-    "cross_attention": (False, None), "conditioners": ({}, None), "extra_heads_num_heads": (0,),
-    "demux_second_stream": (False,),
+    "cross_attention": (False, None), "conditioners": ({}, None), "demux_second_stream": (False,),
 }  # fmt: skip
 
 
@@ -56,6 +58,14 @@ class LmConfig:
     delays: list[int] = field(
         default_factory=lambda: [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]
     )
+    # Linear heads on the temporal transformer's output, softmaxed (Kyutai's STT 1B: 4 "semantic
+    # voice-activity" heads of 6 classes; head 2 > 0.5 reads as the end of the speaker's turn).
+    extra_heads_num_heads: int = 0
+    extra_heads_dim: int = 6
+    # "stt": Kyutai's speech-to-text (dep_q 0: it reads the user's n_q codebooks, writes text);
+    # ``stt_config`` gives its ``audio_delay_seconds`` and ``audio_silence_prefix_seconds``.
+    model_type: str = "moshi"
+    stt_config: dict | None = None
     # Ours, not upstream's: trained to take a voice and a text prompt before the conversation
     # (NVIDIA PersonaPlex); see ``LmGen.system_prompt``.
     persona: bool = False
@@ -66,7 +76,8 @@ class LmConfig:
         and options we do not implement refused."""
         if not isinstance(d, dict):
             raise MoshiError(f"LM config must be an object, got {type(d).__name__}")
-        missing = [k for k in _REQUIRED if k not in d]
+        required = _REQUIRED + (_REQUIRED_WITH_DEPFORMER if d.get("dep_q") != 0 else ())
+        missing = [k for k in required if k not in d]
         if missing:
             raise MoshiError(f"LM config is missing required field(s): {', '.join(missing)}")
         for key, supported in _UNSUPPORTED_UNLESS.items():
@@ -74,6 +85,14 @@ class LmConfig:
                 choice("LM config", key, d[key], supported)
         names = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in names}
+        if d.get("depformer_dim_feedforward") is None:
+            dim = d.get("depformer_dim", cls.depformer_dim)
+            if isinstance(dim, int) and isinstance(d.get("hidden_scale", 1.0), (int, float)):
+                d["depformer_dim_feedforward"] = int(d.get("hidden_scale", cls.hidden_scale) * dim)
+            else:
+                d.pop("depformer_dim_feedforward", None)  # validate() names the bad field
+        if d.get("model_type") is None:  # upstream's dialogue configs have none
+            d["model_type"] = "stt" if d["dep_q"] == 0 else "moshi"
         if _predicts_user_stream(d):
             # PersonaPlex says dep_q = n_q: its depformer also predicts the user's codebooks,
             # which are always given. We generate Moshi's half only (the weights' extra steps
@@ -98,7 +117,26 @@ class LmConfig:
             integer(what, name, getattr(self, name), 1, MAX_COUNT)
         integer(what, "existing_text_padding_id", self.existing_text_padding_id, 0,
                 self.text_card - 1)  # fmt: skip
-        integer(what, "dep_q", self.dep_q, 1, self.n_q)
+        integer(what, "dep_q", self.dep_q, 0, self.n_q)
+        integer(what, "extra_heads_num_heads", self.extra_heads_num_heads, 0, MAX_COUNT)
+        integer(what, "extra_heads_dim", self.extra_heads_dim)
+        choice(what, "model_type", self.model_type, MODEL_TYPES)
+        if (self.model_type == "stt") != (self.dep_q == 0):
+            raise MoshiError(
+                f"{what}: model_type {self.model_type!r} with dep_q {self.dep_q}: a speech-to-text "
+                "model has dep_q 0 (no depth transformer), a dialogue model dep_q > 0"
+            )
+        if self.stt_config is not None:
+            if not isinstance(self.stt_config, dict):
+                raise MoshiError(f"{what}: stt_config must be an object, got {self.stt_config!r}")
+            for name in ("audio_delay_seconds", "audio_silence_prefix_seconds"):
+                value = self.stt_config.get(name, 0.0)
+                real = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if not real or not 0 <= value <= MAX_STT_SECONDS:  # NaN fails too
+                    raise MoshiError(
+                        f"{what}: stt_config.{name} must be a number of seconds in "
+                        f"[0, {MAX_STT_SECONDS:g}], got {value!r}"
+                    )
         number(what, "hidden_scale", self.hidden_scale)
         number(what, "max_period", self.max_period)
         flag(what, "depformer_multi_linear", self.depformer_multi_linear)
@@ -160,6 +198,21 @@ class LmConfig:
         if self.depformer_weights_per_step:
             return list(range(self.dep_q))
         return [0] * self.dep_q
+
+    @property
+    def is_stt(self) -> bool:
+        """Kyutai's speech-to-text: no depth transformer, one text token per frame."""
+        return self.dep_q == 0
+
+    @property
+    def stt_delay_seconds(self) -> float:
+        """How far the text lags the audio (``stt_config.audio_delay_seconds``)."""
+        return float((self.stt_config or {}).get("audio_delay_seconds", 0.0))
+
+    @property
+    def stt_prefix_seconds(self) -> float:
+        """Silence fed before the audio (``stt_config.audio_silence_prefix_seconds``)."""
+        return float((self.stt_config or {}).get("audio_silence_prefix_seconds", 0.0))
 
     @property
     def max_delay(self) -> int:
@@ -269,7 +322,8 @@ class Depformer(nn.Module):
 
 
 class Lm(nn.Module):
-    """Temporal transformer + depformer. Parameter names follow the released checkpoint."""
+    """Temporal transformer + depformer (none when ``dep_q`` is 0: speech-to-text) + the extra
+    heads. Parameter names follow the released checkpoint."""
 
     def __init__(self, cfg: LmConfig | None = None):
         super().__init__()
@@ -283,6 +337,13 @@ class Lm(nn.Module):
         self.transformer = Transformer(cfg)
         self.out_norm = nn.RMSNorm(cfg.dim, eps=1e-8)
         self.text_linear = nn.Linear(cfg.dim, cfg.text_card, bias=False)
+        self.extra_heads = [
+            nn.Linear(cfg.dim, cfg.extra_heads_dim, bias=False)
+            for _ in range(cfg.extra_heads_num_heads)
+        ]
+        if cfg.dep_q == 0:  # speech-to-text: no depth transformer at all
+            self.depformer_in, self.depformer_emb, self.linears = [], [], []
+            return
         n_in = cfg.dep_q if cfg.depformer_multi_linear else 1
         self.depformer_in = [nn.Linear(cfg.dim, dd, bias=False) for _ in range(n_in)]
         self.depformer_text_emb = ZeroEmbedding(cfg.text_card + 1, dd, low_rank)
@@ -310,6 +371,14 @@ class Lm(nn.Module):
             x = boundary(layer(x, mask, cache[i] if cache is not None else None))
         z = self.out_norm(x)
         return z, self.text_linear(z)
+
+    def extra_head_probs(self, z: mx.array) -> mx.array | None:
+        """The extra heads' probabilities ``[..., heads, extra_heads_dim]`` (float32) of the
+        normed hidden state ``z`` ``[..., dim]``; None for a model without heads."""
+        if not self.extra_heads:
+            return None
+        logits = mx.stack([head(z) for head in self.extra_heads], axis=-2)
+        return mx.softmax(logits.astype(mx.float32), axis=-1)
 
     def make_cache(self) -> list[RotatingKVCache]:
         """Rolling KV caches of ``context`` steps: memory stays bounded however long the talk."""
@@ -353,8 +422,13 @@ class Lm(nn.Module):
         model_input = mx.concatenate([mx.broadcast_to(initial, (B, S, 1)), delayed[:, :, :-1]], 2)
         z, text_logits = self.temporal(self.embed(model_input))
 
-        # Depformer over all steps at once; step k's input token is the target of stream k.
+        text_logits = text_logits.astype(mx.float32)[:, None]
+        text_mask = codes[:, :1] >= 0
         K, N = cfg.dep_q, B * T
+        if K == 0:  # speech-to-text: text only
+            empty = mx.zeros((B, 0, T, cfg.card), mx.float32)
+            return text_logits, empty, text_mask, mx.zeros((B, 0, T), mx.bool_)
+        # Depformer over all steps at once; step k's input token is the target of stream k.
         zf = z.reshape(N, 1, -1)
         targets = delayed.transpose(0, 2, 1).reshape(N, S)
         x = mx.concatenate(
@@ -374,9 +448,8 @@ class Lm(nn.Module):
             )
             audio_logits.append(shifted)
             audio_mask.append((frames[None] + d < T) & (codes[:, k + 1] >= 0))
-        text_mask = codes[:, :1] >= 0
         return (
-            text_logits.astype(mx.float32)[:, None],
+            text_logits,
             mx.stack(audio_logits, axis=1),
             text_mask,
             mx.stack(audio_mask, axis=1),

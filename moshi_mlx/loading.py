@@ -10,7 +10,7 @@ import json
 import re
 import warnings
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -134,8 +134,8 @@ def load_lm(
     """
     paths = [Path(weights)] if isinstance(weights, (str, Path)) else [Path(p) for p in weights]
     cfg = as_lm_config(config, weights=paths)
-    model = Lm(cfg)
     params, source = read_lm_weights(paths, cfg)
+    model = Lm(without_missing_heads(cfg, params, source))
     stored = quantize_like(model, params)
     load_into(model, params, source, as_dtype=as_dtype(dtype), hint=lm_config_hint)
     if quantize is not None:
@@ -146,6 +146,20 @@ def load_lm(
             )
         quantize_lm(model, quantize)
     return model
+
+
+def without_missing_heads(cfg: LmConfig, params: dict, source: str) -> LmConfig:
+    """``cfg`` without its extra heads when the checkpoint has none (Kyutai ships the STT
+    voice-activity heads in one release only), with one ``MoshiWarning`` saying so."""
+    if cfg.extra_heads_num_heads and not any(k.startswith("extra_heads.") for k in params):
+        warnings.warn(
+            f"{source} has no weights for the config's {cfg.extra_heads_num_heads} extra "
+            "(voice-activity) heads: loading the model without them",
+            MoshiWarning,
+            stacklevel=3,
+        )
+        return replace(cfg, extra_heads_num_heads=0)
+    return cfg
 
 
 def materialize(model: nn.Module, progress: Callable[[int, int], None] | None = None) -> None:
@@ -221,6 +235,7 @@ def lm_config_hint(name: str) -> str:
             "depformer_weights_per_step(_schedule)",
         ),
         ("linears", "card, dep_q or depformer_dim"),
+        ("extra_heads", "extra_heads_num_heads, extra_heads_dim or dim"),
     ):
         if name.startswith(prefix):
             return fields
@@ -434,6 +449,8 @@ def find_model_files(
         lm_source = config_path
     if mimi_config is None and ours:
         mimi_config, mimi_source = _section(config, "mimi", config_path), config_path
+    elif mimi_config is None and config is not None and config.get("mimi_config_name"):
+        mimi_config = folder.file(config["mimi_config_name"], "Mimi config")
     elif mimi_config is None and folder is not None:
         mimi_config = folder.optional(MIMI_CONFIG)
     return ModelFiles(

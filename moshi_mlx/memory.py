@@ -52,14 +52,8 @@ def lm_tensors(cfg: LmConfig) -> list[tuple[int, int, int, bool]]:
     equal)."""
     d, dd, v, card = cfg.dim, cfg.depformer_dim, cfg.text_card, cfg.card
     h, dh = cfg.hidden_dim, cfg.depformer_hidden_dim
-    layers, dep_layers, sets = cfg.num_layers, cfg.depformer_num_layers, max(cfg.schedule) + 1
-    rank = cfg.depformer_low_rank_embeddings
-    if rank:  # a table of ``rank`` columns (not a leaf: kept in float) and a projection
-        dep_embeddings = [(1, v + 1, rank, False), (cfg.dep_q - 1, card + 1, rank, False),
-                          (cfg.dep_q, dd, rank, True)]  # fmt: skip
-    else:
-        dep_embeddings = [(1, v + 1, dd, True), (cfg.dep_q - 1, card + 1, dd, True)]
-    return [
+    layers = cfg.num_layers
+    temporal = [
         (1, v + 1, d, True),  # text_emb
         (cfg.n_q, card + 1, d, True),  # emb
         (2 * layers + 1, 1, d, False),  # the temporal layers' norms, out_norm
@@ -68,6 +62,18 @@ def lm_tensors(cfg: LmConfig) -> list[tuple[int, int, int, bool]]:
         (layers, 2 * h, d, True),  # gating.linear_in
         (layers, d, h, True),  # gating.linear_out
         (1, v, d, True),  # text_linear
+        (cfg.extra_heads_num_heads, cfg.extra_heads_dim, d, True),  # extra_heads
+    ]
+    if cfg.dep_q == 0:  # speech-to-text: no depth transformer
+        return temporal
+    dep_layers, sets = cfg.depformer_num_layers, max(cfg.schedule) + 1
+    rank = cfg.depformer_low_rank_embeddings
+    if rank:  # a table of ``rank`` columns (not a leaf: kept in float) and a projection
+        dep_embeddings = [(1, v + 1, rank, False), (cfg.dep_q - 1, card + 1, rank, False),
+                          (cfg.dep_q, dd, rank, True)]  # fmt: skip
+    else:
+        dep_embeddings = [(1, v + 1, dd, True), (cfg.dep_q - 1, card + 1, dd, True)]
+    return temporal + [
         (cfg.dep_q if cfg.depformer_multi_linear else 1, dd, d, True),  # depformer_in
         *dep_embeddings,
         (2 * dep_layers, 1, dd, False),  # the depformer's norms

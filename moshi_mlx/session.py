@@ -24,6 +24,10 @@ class FrameResult:
     user_codes: np.ndarray  # the user's codes Mimi produced for this frame, [n_user]
     codes: np.ndarray | None  # Moshi's audio codes decoded into ``pcm``, [dep_q]
     index: int = 0  # which input frame (0, 1, ... since the last reset) this is the answer to
+    # Every stream's text token, [B] (a speech-to-text model takes a batch of frames), and the
+    # extra heads' probabilities, [B, heads, classes]; None while the delays fill / no heads.
+    text_ids: np.ndarray | None = None
+    extra_heads: np.ndarray | None = None
 
 
 class DuplexSession:
@@ -50,17 +54,21 @@ class DuplexSession:
         self.frames = 0
 
     def check_pcm(self, pcm) -> None:
-        """``pcm`` must be one frame of audio: a float numpy array of 1920 samples."""
-        if not isinstance(pcm, np.ndarray) or pcm.dtype.kind != "f" or pcm.size != self.frame_size:
+        """``pcm`` must be one frame of audio: a float numpy array of 1920 samples (or, for a
+        speech-to-text model, ``[batch, 1920]``: one frame of each stream)."""
+        batch = isinstance(pcm, np.ndarray) and pcm.ndim == 2 and self.lm.cfg.is_stt
+        size = pcm.shape[-1] if batch else getattr(pcm, "size", None)
+        if not isinstance(pcm, np.ndarray) or pcm.dtype.kind != "f" or size != self.frame_size:
             raise MoshiError(
                 f"`pcm` must be a float numpy array of {self.frame_size} samples, got "
                 f"{getattr(pcm, 'shape', type(pcm).__name__)}"
             )
 
     def encode(self, pcm: np.ndarray) -> mx.array:
-        """One frame of user audio ``[1920]`` -> the user's codes ``[1, n_user]`` (lazy)."""
+        """One frame of user audio ``[1920]`` (or ``[B, 1920]``) -> the user's codes ``[B,
+        n_user]`` (lazy)."""
         self.check_pcm(pcm)
-        x = mx.array(np.asarray(pcm, dtype=np.float32).reshape(1, 1, self.frame_size))
+        x = mx.array(np.asarray(pcm, dtype=np.float32).reshape(-1, 1, self.frame_size))
         with mx.stream(self.mimi_device):
             return self.mimi.encode_step(x)[:, : self.n_user, 0]
 
@@ -77,8 +85,15 @@ class DuplexSession:
         out = self.gen.step(user, check=False)
         if out is None:
             return FrameResult(None, None, np.array(user[0]), None, index)
+        heads = self.gen.last_extra_heads
+        if self.lm.cfg.is_stt:  # text only: nothing to decode
+            return frame_result(None, np.array(out), np.array(user), heads, index)
         pcm_out = self.decode(out[:, 1:])
         mx.eval(pcm_out, out, user)
-        return FrameResult(
-            np.array(pcm_out), int(out[0, 0]), np.array(user[0]), np.array(out[0, 1:]), index
-        )
+        return frame_result(np.array(pcm_out), np.array(out), np.array(user), heads, index)
+
+
+def frame_result(pcm, out: np.ndarray, user: np.ndarray, heads, index: int) -> FrameResult:
+    """The ``FrameResult`` of the LM's tokens ``out`` ``[B, 1 + dep_q]``."""
+    heads = None if heads is None else np.array(heads)
+    return FrameResult(pcm, int(out[0, 0]), user[0], out[0, 1:], index, out[:, 0], heads)

@@ -373,7 +373,7 @@ def load_into(
 
 _LM_PREFIXES = (
     "text_emb.", "text_linear.", "emb.", "audio_embs.", "transformer.layers.", "out_norm.",
-    "depformer", "linears.",
+    "depformer", "linears.", "extra_heads.",
 )  # fmt: skip
 _MIMI_PREFIXES = (
     "encoder.", "decoder.", "encoder_transformer.", "decoder_transformer.", "quantizer.",
