@@ -18,7 +18,8 @@
 #   --out DIR           results folder (default bench_results/peer-<date>; gitignored)
 #   --stt "ROWS"        speech-to-text rows instead (scripts/peer_stt_bench.py), each
 #                       stt-<1b|2.6b>[-q4|-q8][-b<batch>] (both sides, alternating) or
-#                       ours:<row> (ours only), or stt-mimi (Mimi encode, 32 codebooks)
+#                       ours:<row> (ours only), or stt-mimi (Mimi encode, 32 codebooks);
+#                       with --ref-mlx032 the reference also runs on MLX 0.32.4
 #
 # Writes DIR/ref.jsonl, DIR/ours.jsonl (and DIR/ref032.jsonl), DIR/log.txt, then prints
 # compare_results.py's table and scripts/peer_table.py's README table (DIR/table.md).
@@ -149,17 +150,19 @@ if [ -n "$STT" ]; then
   S=scripts/peer_stt_bench.py
   echo "# $(date -Is) stt rounds=$ROUNDS rows=[$STT] steps=$STEPS warmup=$WARMUP" \
     "quant_steps=$QSTEPS git $(git rev-parse --short HEAD) load: $(cat /proc/loadavg)" | tee "$LOG"
-  stt_side() {  # side (ref, ours, rustymimi, mimi), harness args...
-    local py=.venv/bin/python out=$OUT/stt_ours.jsonl
+  stt_side() {  # side (ref, ref032, ours, rustymimi, mimi), harness args...
+    local py=.venv/bin/python out=$OUT/stt_ours.jsonl cmd=$1
     case $1 in ref|rustymimi) py=.venv-ref/bin/python out=$OUT/stt_ref.jsonl ;; esac
-    echo "### $(date +%T) load $(cut -d' ' -f1 /proc/loadavg) $*" >> "$LOG"
+    [ "$1" = ref032 ] && py=.venv-ref-mlx032/bin/python out=$OUT/stt_ref032.jsonl cmd=ref
+    shift
+    echo "### $(date +%T) load $(cut -d' ' -f1 /proc/loadavg) $cmd $* ($py)" >> "$LOG"
     # shellcheck disable=SC2086
-    if ! env -u PYTHONPATH $PFX $py $S "$@" --json-out "$out" >> "$LOG" 2>&1; then
+    if ! env -u PYTHONPATH $PFX $py $S $cmd "$@" --json-out "$out" >> "$LOG" 2>&1; then
       echo "  $1 FAILED (see $LOG)"; return 0
     fi
     tail -n 2 "$LOG" | head -n 1
   }
-  touch "$OUT/stt_ref.jsonl" "$OUT/stt_ours.jsonl"
+  touch "$OUT/stt_ref.jsonl" "$OUT/stt_ours.jsonl" "$OUT/stt_ref032.jsonl"
   for r in $(seq 1 "$ROUNDS"); do
     for row in $STT; do
       echo "== round $r/$ROUNDS $row"
@@ -174,11 +177,16 @@ if [ -n "$STT" ]; then
       # shellcheck disable=SC2086
       [ "$row" = "$name" ] && stt_side ref --size "$size" $args --steps "$steps" --warmup "$WARMUP"
       # shellcheck disable=SC2086
+      [ "$row" = "$name" ] && [ $REF2 = 1 ] &&
+        stt_side ref032 --size "$size" $args --steps "$steps" --warmup "$WARMUP"
+      # shellcheck disable=SC2086
       stt_side ours --size "$size" $args --steps "$steps" --warmup "$WARMUP"
     done
   done
   echo "# end $(date -Is) load: $(cat /proc/loadavg)" >> "$LOG"
   .venv/bin/python $S table "$OUT/stt_ref.jsonl" "$OUT/stt_ours.jsonl" | tee "$OUT/stt_table.md"
+  [ $REF2 = 1 ] && .venv/bin/python $S table "$OUT/stt_ref032.jsonl" "$OUT/stt_ours.jsonl" |
+    tee "$OUT/stt_table_mlx032.md"
   echo "wrote $OUT"; exit 0
 fi
 
