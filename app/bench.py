@@ -24,7 +24,9 @@ from .options import (
 )
 
 HELP = "time the frame step (Mimi, temporal and depth transformers) on a model or random weights"
-PRESETS = {"moshiko-7b": "moshi_7b", "moshika-7b": "moshi_7b", "moshi-2b": "moshi_2b"}
+PRESETS = {"moshiko-7b": "moshi_7b", "moshika-7b": "moshi_7b", "moshi-2b": "moshi_2b",
+           "stt-1b": "stt_1b", "stt-2.6b": "stt_2_6b"}  # fmt: skip
+STT_BATCHES = "1,8,32"  # batch sizes timed for a speech-to-text model unless --batch says
 SCALE_FLAGS = ("dim", "layers", "heads", "dep_dim", "dep_layers", "dep_heads", "context",
                "text_card")  # fmt: skip
 DEFAULT_SEED = 299792458
@@ -37,7 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--random-weights", action="store_true", help="random weights of --config (no download)"
     )
     model.add_argument(
-        "--config", help="with --random-weights: moshiko-7b (default), moshi-2b or an LM JSON"
+        "--config",
+        help="with --random-weights: moshiko-7b (default), moshi-2b, stt-1b, stt-2.6b or an LM "
+        "JSON",
     )
     model.add_argument("--mimi-weights", help="Mimi safetensors (PyTorch or converted layout)")
     model.add_argument("--mimi-config", help="Mimi config JSON for random or given Mimi weights")
@@ -61,6 +65,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--steps", type=int, default=50, help="timed frames (default 50)")
     run.add_argument("--warmup", type=int, default=5, help="untimed frames first (default 5)")
     run.add_argument("--no-stages", action="store_true", help="skip the pass synced per stage")
+    run.add_argument(
+        "--batch",
+        help=f"speech-to-text models: batch sizes of independent streams to time, comma-"
+        f"separated (default {STT_BATCHES}; 0 skips)",
+    )
     add_engine_arguments(run)
     add_sampling_arguments(p)  # --seed: weights, inputs and sampling (default 299792458)
 
@@ -149,7 +158,7 @@ def build_models(args, progress) -> dict:
     if args.hf_path is not None:
         parts = [p for p, skip in (("lm", args.no_lm), ("mimi", args.no_mimi or args.mimi_weights))
                  if not skip]  # fmt: skip
-        lm, mimi, _ = load_model(args, lambda _: None, parts, progress.task("load model"))
+        lm, mimi, _ = load_model(args, lambda _: None, parts, progress.task("load model"), None)
         info["model"] = args.hf_path
         info["mimi"] = f"{args.hf_path} (Mimi)" if mimi is not None else None
     elif not args.no_lm:
@@ -181,8 +190,32 @@ def run_passes(models: dict, args, sampling, progress) -> dict:
             )
         }
     passes = [p for p in PASSES if p != "stages" or not args.no_stages]
-    return time_frames(lm, mimi, sampling, args.steps, args.warmup, passes,
-                       lambda name: progress.task(f"{name} pass"), args.engine)  # fmt: skip
+    timed = time_frames(lm, mimi, sampling, args.steps, args.warmup, passes,
+                        lambda name: progress.task(f"{name} pass"), args.engine)  # fmt: skip
+    sizes = batch_sizes(args.batch, lm.cfg.is_stt)
+    if sizes:
+        from moshi_mlx.benchmark import time_batches
+
+        models["batches"] = time_batches(lm, mimi, sampling, sizes, args.steps, args.warmup,
+                                         args.engine, lambda name: progress.task(name))  # fmt: skip
+    return timed
+
+
+def batch_sizes(text: str | None, stt: bool) -> list[int]:
+    from moshi_mlx.errors import MoshiError
+
+    text = text if text is not None else (STT_BATCHES if stt else "0")
+    try:
+        sizes = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise MoshiError(f"--batch takes sizes like {STT_BATCHES}, got {text!r}") from None
+    if sizes == [0]:
+        return []
+    if not stt:
+        raise MoshiError("--batch times speech-to-text models; this is a dialogue model")
+    if not all(1 <= n <= 1024 for n in sizes):
+        raise MoshiError(f"--batch sizes must be in [1, 1024], got {text!r}")
+    return sizes
 
 
 def report(models: dict, passes: dict, args, sampling, build: dict) -> dict:
@@ -217,6 +250,10 @@ def report(models: dict, passes: dict, args, sampling, build: dict) -> dict:
                        "depformer_hidden_dim": lm.cfg.depformer_hidden_dim}  # fmt: skip
         r["config"].pop("delays")
         r["scaled"] = [f for f in SCALE_FLAGS if getattr(args, f) is not None]
+    if "batches" in models:
+        from moshi_mlx.benchmark import batch_report
+
+        r["batches"] = batch_report(models["batches"])
     if args.label:
         r["label"] = args.label
     return r

@@ -26,6 +26,7 @@ SUBCOMMANDS = {
     "run": ("moshi_mlx.app.run", "file in, file out: Moshi's reply to a WAV file"),
     "convert": ("moshi_mlx.app.convert", "convert (and quantize) a checkpoint to an MLX folder"),
     "bench": ("moshi_mlx.app.bench", "time the frame step (real-time factor, memory)"),
+    "transcribe": ("moshi_mlx.app.transcribe", "speech to text: WAV files or live captions"),
     "persona": ("moshi_mlx.app.persona", "prepare a voice prompt for PersonaPlex (persona save)"),
 }
 BUG_EXIT = 70  # sysexits' EX_SOFTWARE

@@ -172,9 +172,12 @@ def load_model(
     report: Callable[[str], None] = print,
     parts: Collection[str] = ("lm", "mimi", "tokenizer"),
     progress: Callable[[int, int], None] | None = None,
+    kind: str | None = "moshi",
 ):
     """``(lm, mimi, tokenizer)`` for the model flags (``moshi_mlx.load``); call it on the
-    thread that will run the model. ``report`` receives one-line progress messages."""
+    thread that will run the model. ``report`` receives one-line progress messages. ``kind``:
+    the model the command needs, ``"moshi"`` (dialogue) or ``"stt"`` (speech-to-text; None:
+    either): another is refused in one line before its weights are read."""
     import moshi_mlx
     from moshi_mlx import hub
     from moshi_mlx.engine import mimi_device
@@ -187,6 +190,8 @@ def load_model(
         report(f"fetching {name} from the Hugging Face Hub (cached after the first run)")
     # Commands without --mimi-device keep Mimi on MLX's default device.
     device = mimi_device(args.mimi_device) if hasattr(args, "mimi_device") else None
+    if kind is not None:
+        check_model_kind(name, kind)
     model = moshi_mlx.load(
         name,
         dtype=args.dtype,
@@ -199,6 +204,25 @@ def load_model(
         report(f"quantized the LM to {quantize_report(model.lm)}")
     report(f"model ready in {time.perf_counter() - start:.1f} s")
     return model
+
+
+def check_model_kind(name: str, kind: str) -> None:
+    """One line when the model ``name`` is not of the ``kind`` the command needs (read from
+    its config alone)."""
+    from moshi_mlx.errors import MoshiError
+    from moshi_mlx.loading import find_model_files, model_folder
+
+    stt = find_model_files(model_folder(name, parts=()), parts=()).lm_config.is_stt
+    if stt and kind == "moshi":
+        raise MoshiError(
+            f"{name} is a speech-to-text model (Kyutai STT): chat and run need a Moshi dialogue "
+            "model (e.g. kyutai/moshiko-mlx-q4); transcribe with `moshi-mlx transcribe`"
+        )
+    if not stt and kind == "stt":
+        raise MoshiError(
+            f"{name} is a Moshi dialogue model: transcribe needs a speech-to-text model "
+            "(Kyutai STT, e.g. kyutai/stt-1b-en_fr-mlx); talk to this one with `moshi-mlx chat`"
+        )
 
 
 def add_persona_arguments(parser: argparse.ArgumentParser) -> None:

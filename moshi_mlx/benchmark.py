@@ -144,11 +144,12 @@ def time_frames(
         if out is not None:
             np.array(out)
         st["lm"] = _ms_since(t1)
-        if session is not None and out is not None:
+        if session is not None and out is not None and lm.cfg.dep_q:  # STT: nothing to decode
             t2 = time.perf_counter()
             np.array(session.decode(out[:, 1:]))
             st["decode"] = _ms_since(t2)
-            st["mimi"] = st["encode"] + st["decode"]
+        if session is not None:
+            st["mimi"] = st["encode"] + st.get("decode", 0.0)
         return st
 
     def lm_frame(i):
@@ -175,6 +176,55 @@ def time_frames(
                 running.lm_call, lambda i: running.push(pcms[i % total]), running.flush
             )
     return passes
+
+
+def time_batches(
+    lm: Lm,
+    mimi: Mimi | None,
+    sampling: Sampling,
+    sizes: Collection[int],
+    steps: int,
+    warmup: int = 5,
+    engine: str = DEFAULT_ENGINE,
+    progress_for: Callable[[str], Progress | None] = lambda name: None,
+) -> dict[int, Pass]:
+    """Batches of independent streams of a speech-to-text model, one pass per size: each
+    frame is the engine's ``push`` of a ``[B, 1920]`` block (Mimi's encode overlapping the LM
+    step) when Mimi is given, else ``LmGen.step`` of ``[B, n_q]`` random codes."""
+    rng = np.random.default_rng(sampling.seed or 0)
+    total = warmup + steps
+    passes = {}
+    for size in sizes:
+        gen = LmGen(lm, sampling)
+        if mimi is None:
+            codes = [mx.array(rng.integers(0, lm.cfg.card, (size, lm.cfg.n_user)), mx.int32)
+                     for _ in range(total)]  # fmt: skip
+
+            def frame(i, codes=codes, gen=gen):
+                np.array(gen.step(codes[i], check=False))
+
+            passes[size] = _run(
+                f"batch {size}", frame, warmup, steps, progress_for(f"batch {size}")
+            )
+            continue
+        pcms = [(0.1 * rng.standard_normal((size, 1920))).astype(np.float32)
+                for _ in range(total)]  # fmt: skip
+        with make_engine(engine, lm, mimi, gen) as running:
+            passes[size] = _time_engine(running, pcms, warmup, steps, progress_for(f"batch {size}"))
+    return passes
+
+
+def batch_report(passes: dict[int, Pass]) -> dict[str, dict]:
+    """Per batch size (as text, the JSON key): the frame's time (the interval between answers
+    for the pipelined engine), ``rtf`` and ``streams_realtime``: how many streams that rate
+    keeps in real time (batch x 80 ms / frame); ``realtime``: whether the whole batch is."""
+    rows = {}
+    for size, p in passes.items():
+        ms = summarize(p.interval_ms or p.wall_ms)["median_ms"]
+        rows[str(size)] = {"frame_ms_p50": round(ms, 3), "rtf": round(ms / FRAME_MS, 4),
+                           "streams_realtime": round(size * FRAME_MS / ms, 2),
+                           "realtime": ms <= FRAME_MS}  # fmt: skip
+    return rows
 
 
 def _time_engine(engine, pcms: list[np.ndarray], warmup: int, steps: int, progress) -> Pass:

@@ -180,6 +180,22 @@ class LmConfig:
             delays=[0] + ([0] + [2] * 15) * 2,
         )
 
+    @classmethod
+    def stt_1b(cls) -> LmConfig:
+        """Kyutai STT 1B (``kyutai/stt-1b-en_fr``): English and French, 0.5 s delay, 4 heads."""
+        return cls.from_dict({**_STT, "dim": 2048, "text_card": 8000, "num_heads": 16,
+                              "num_layers": 16, "context": 750, "extra_heads_num_heads": 4,
+                              "stt_config": {"audio_delay_seconds": 0.5,
+                                             "audio_silence_prefix_seconds": 0.0}})  # fmt: skip
+
+    @classmethod
+    def stt_2_6b(cls) -> LmConfig:
+        """Kyutai STT 2.6B (``kyutai/stt-2.6b-en``): English, 2.5 s delay, 1 s silence first."""
+        return cls.from_dict({**_STT, "dim": 2048, "text_card": 4000, "num_heads": 32,
+                              "num_layers": 48, "context": 375,
+                              "stt_config": {"audio_delay_seconds": 2.5,
+                                             "audio_silence_prefix_seconds": 1.0}})  # fmt: skip
+
     # Derived sizes ------------------------------------------------------------------------
 
     @property
@@ -227,6 +243,12 @@ class LmConfig:
     def mimi_codebooks(self) -> int:
         """Mimi codebooks the model needs: enough to encode the user and decode Moshi."""
         return max(self.dep_q, self.n_user)
+
+
+# What Kyutai's two STT configs share (their released config.json files).
+_STT = {"n_q": 32, "dep_q": 0, "card": 2048, "hidden_scale": 4.125, "max_period": 100000.0,
+        "delays": [0] * 33, "model_type": "stt", "depformer_dim": 1024,
+        "depformer_num_heads": 16, "depformer_num_layers": 6}  # fmt: skip
 
 
 def _predicts_user_stream(d: dict) -> bool:

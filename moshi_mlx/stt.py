@@ -216,11 +216,14 @@ class Transcriber:
         if self._finished:
             return []
         updates = []
-        if self._started:
-            for _ in range(self.delay_frames):
-                updates += self._updates(self.engine.push(self._silence()))
-            updates += self._updates(self.engine.flush())
         self._finished = True
+        try:
+            if self._started:
+                for _ in range(self.delay_frames):
+                    updates += self._updates(self.engine.push(self._silence()))
+                updates += self._updates(self.engine.flush())
+        except MoshiError:  # the engine stopped (a Ctrl-C inside a push): keep what came
+            pass
         last = [aligner.finish() for aligner in self.aligners]
         if any(last):
             index = updates[-1].index + 1 if updates else 0

@@ -8,7 +8,8 @@
 #   --setup-only        create the reference venv(s) and the shared inputs, then stop
 #   --rounds N          alternating rounds: reference, ours, reference, ours ... (default 3)
 #   --rows "R ..."      rows to run (default: tiny medium tiny-q4 tiny-q8 medium-q4 medium-q8 mimi)
-#                       also: tiny-f32 medium-f32 7b (bf16) 7b-q4 7b-q8
+#                       also: tiny-f32 medium-f32 7b (bf16) 7b-q4 7b-q8, and Kyutai's
+#                       speech-to-text at the real STT 1B size: stt-1b (bf16) stt-1b-q4 stt-1b-q8
 #   --with-7b           add the 7b row (bf16, 1 warm-up + 3 timed steps; ~2 min build, 15 GB)
 #   --steps N / --warmup N        timed / untimed frames per run (default 50 / 5, as RESULTS.md)
 #   --quant-steps N     timed frames for the q4/q8 rows (default 20: MLX's CPU quantized matmul
@@ -93,7 +94,21 @@ if [ ! -f $MIMI_CKPT ]; then
   echo "== writing the random Mimi checkpoint (real key names and shapes, seed 0, ~385 MB)"
   env -u PYTHONPATH .venv-ref/bin/python $PEER/ref_step_bench.py make-mimi-ckpt $MIMI_CKPT --seed 0
 fi
-[ $SETUP_ONLY = 1 ] && { echo "setup done: .venv-ref, $CFG, $MIMI_CKPT"; exit 0; }
+STT_CFG=bench_results/stt_1b_en_fr.json  # the released STT 1B config (upstream keys)
+if [ ! -f $STT_CFG ]; then
+  .venv/bin/python - "$STT_CFG" <<'EOF'
+import json, sys
+from pathlib import Path
+
+cfg = json.loads(Path("tests/fixtures/full_size_keys/stt_1b_keys.json").read_text())["config"]
+cfg.update(model_type="stt", stt_config={"audio_delay_seconds": 0.5,
+                                         "audio_silence_prefix_seconds": 0.0})
+# upstream's default, written out: the reference's MLX config reader requires the field
+cfg.setdefault("depformer_dim_feedforward", int(cfg["hidden_scale"] * cfg["depformer_dim"]))
+Path(sys.argv[1]).write_text(json.dumps(cfg, indent=1))
+EOF
+fi
+[ $SETUP_ONLY = 1 ] && { echo "setup done: .venv-ref, $CFG, $STT_CFG, $MIMI_CKPT"; exit 0; }
 
 mkdir -p "$OUT"
 
@@ -103,7 +118,7 @@ shape() {  # row -> the scale-down flags, the same on both sides
   case ${1%%-*} in
     tiny) echo "--dim 256 --layers 2 --dep-dim 256 --dep-layers 2" ;;
     medium) echo "--dim 1024 --layers 8 --dep-dim 512 --dep-layers 2" ;;
-    7b) echo "" ;;
+    7b|stt) echo "" ;;
   esac
 }
 run() {  # side, jsonl, command...
@@ -127,7 +142,7 @@ ref() { run ref "$OUT/ref.jsonl" env -u PYTHONPATH .venv-ref/bin/python $PEER/re
 ours() { run ours "$OUT/ours.jsonl" .venv/bin/moshi-mlx bench --sampler top-p "$@"; }
 
 row() {
-  local name=$1 steps=$STEPS warmup=$WARMUP rq="" oq="" rd=bf16 od=bfloat16
+  local name=$1 steps=$STEPS warmup=$WARMUP rq="" oq="" rd=bf16 od=bfloat16 cfg=$CFG extra=""
   case $name in
     mimi)
       ref mimi --ckpt $MIMI_CKPT --steps "$STEPS" --warmup "$WARMUP"
@@ -137,12 +152,15 @@ row() {
     *-q4|*-q8) rq="--quant ${name##*-q}"; oq="-q ${name##*-q}"; steps=$QSTEPS ;;
     *-f32) rd=f32; od=float32 ;;
   esac
-  case $name in 7b*) steps=3; warmup=1 ;; esac
+  case $name in
+    7b*) steps=3; warmup=1 ;;
+    stt*) cfg=$STT_CFG; extra="--batch 0" ;;  # the LM step at batch 1, as the reference
+  esac
   # shellcheck disable=SC2046,SC2086
-  ref lm --lm-config $CFG $(shape "$name") $rq --dtype $rd --steps $steps --warmup $warmup
+  ref lm --lm-config $cfg $(shape "$name") $rq --dtype $rd --steps $steps --warmup $warmup
   # shellcheck disable=SC2046,SC2086
-  ours --random-weights --config $CFG $(shape "$name") $oq --dtype $od --steps $steps \
-    --warmup $warmup --no-mimi --no-stages
+  ours --random-weights --config $cfg $(shape "$name") $oq --dtype $od --steps $steps \
+    --warmup $warmup --no-mimi --no-stages $extra
 }
 
 # -- speech-to-text rows (--stt): one STT step of Kyutai's moshi_mlx 0.3.0 and of ours -------

@@ -10,7 +10,7 @@ import warnings
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import FIXTURES, FULL_SIZE_KEYS, LM_DIR
+from conftest import FIXTURES, FULL_SIZE_KEYS, LM_DIR, moshi_mlx_cmd
 from mlx.utils import tree_flatten
 
 import moshi_mlx
@@ -176,6 +176,23 @@ def test_kyutai_mlx_layout_loads(kyutai_mlx_repo, io):
     assert heads.shape == (1, io["clip0_codes"].shape[2], 4, 6)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_kyutai_mlx_layout_quantized_loads(tmp_path, io, bits):
+    """Kyutai's quantized MLX files: upstream's ``nn.quantize`` of the bf16 model, saved."""
+    quantize = Quantization(bits)
+    direct = moshi_mlx.load(STT_DIR, dtype="bfloat16", quantize=quantize).lm
+    folder = tmp_path / f"stt-mlx-q{bits}"
+    folder.mkdir()
+    for name in ("config.json", "mimi_config.json", "mimi.safetensors", "tokenizer.model"):
+        shutil.copy(STT_DIR / name, folder / name)
+    params = _kyutai_mlx_names(dict(tree_flatten(direct.parameters())))
+    assert "audio_embs.0.scales" in params
+    mx.save_safetensors(str(folder / "model.safetensors"), params)
+    lm = moshi_mlx.load(folder).lm
+    got, want = greedy(lm, io["clip0_codes"]), greedy(direct, io["clip0_codes"])
+    assert got[0].tolist() == want[0].tolist() and max_err(got[1], want[1]) == 0
+
+
 @pytest.mark.parametrize("bits", [None, 4, 8])
 def test_converted_folders_reload(tmp_path, io, bits):
     quantize = Quantization(bits) if bits else None
@@ -302,3 +319,22 @@ def test_transcriber_refuses_a_dialogue_model_and_bad_frames(model, lm_dialogue)
         with pytest.raises(MoshiError, match="pcm"):
             transcriber.push(np.zeros(100, np.float32))
         assert transcriber.finish() == []  # nothing pushed: nothing to say
+
+
+def test_bench_times_stt_batches_on_the_fixture_and_at_real_sizes():
+    r = moshi_mlx_cmd("bench", "--hf-path", STT_DIR, "--steps", 2, "--warmup", 1,
+                      "--batch", "1,2", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["config"]["model_type"] == "stt" and result["rtf"] > 0
+    assert set(result["batches"]) == {"1", "2"}
+    for size, row in result["batches"].items():
+        assert row["streams_realtime"] == round(int(size) * 80 / row["frame_ms_p50"], 2)
+        assert row["realtime"] == (row["frame_ms_p50"] <= 80)
+    # the real STT 1B's layout, scaled down to one layer so that it builds quickly here
+    r = moshi_mlx_cmd("bench", "--random-weights", "--config", "stt-1b", "--layers", 1, "--no-mimi",
+                      "--steps", 1, "--warmup", 1, "--batch", "2", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["config"]["dim"] == 2048 and result["config"]["text_card"] == 8000
+    assert list(result["batches"]) == ["2"]
