@@ -45,7 +45,7 @@ while [ $# -gt 0 ]; do
     --taskset) PFX="taskset -c $2"; shift ;;
     --out) OUT=$2; shift ;;
     --stt) STT=$2; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "peer_bench.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
