@@ -17,6 +17,10 @@
 #   --ref-mlx032        also time the reference on MLX 0.32.4 (our MLX), third side
 #   --taskset CPUS      prefix every command with `taskset -c CPUS` (same for both sides)
 #   --out DIR           results folder (default bench_results/peer-<date>; gitignored)
+#   --stt "ROWS"        speech-to-text rows instead (scripts/peer_stt_bench.py), each
+#                       stt-<1b|2.6b>[-q4|-q8][-b<batch>] (both sides, alternating) or
+#                       ours:<row> (ours only), or stt-mimi (Mimi encode, 32 codebooks);
+#                       with --ref-mlx032 the reference also runs on MLX 0.32.4
 #
 # Writes DIR/ref.jsonl, DIR/ours.jsonl (and DIR/ref032.jsonl), DIR/log.txt, then prints
 # compare_results.py's table and scripts/peer_table.py's README table (DIR/table.md).
@@ -26,7 +30,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PEER=../shared/peer_bench
 ROUNDS=3 STEPS=50 WARMUP=5 QSTEPS=20 REF2=0 SETUP_ONLY=0 PFX=""
-ROWS="tiny medium tiny-q4 tiny-q8 medium-q4 medium-q8 mimi"
+ROWS="tiny medium tiny-q4 tiny-q8 medium-q4 medium-q8 mimi" STT=""
 OUT=bench_results/peer-$(date +%Y%m%d-%H%M%S)
 while [ $# -gt 0 ]; do
   case $1 in
@@ -40,7 +44,8 @@ while [ $# -gt 0 ]; do
     --ref-mlx032) REF2=1 ;;
     --taskset) PFX="taskset -c $2"; shift ;;
     --out) OUT=$2; shift ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    --stt) STT=$2; shift ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "peer_bench.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -157,6 +162,51 @@ row() {
   ours --random-weights --config $cfg $(shape "$name") $oq --dtype $od --steps $steps \
     --warmup $warmup --no-mimi --no-stages $extra
 }
+
+# -- speech-to-text rows (--stt): one STT step of Kyutai's moshi_mlx 0.3.0 and of ours -------
+if [ -n "$STT" ]; then
+  S=scripts/peer_stt_bench.py
+  echo "# $(date -Is) stt rounds=$ROUNDS rows=[$STT] steps=$STEPS warmup=$WARMUP" \
+    "quant_steps=$QSTEPS git $(git rev-parse --short HEAD) load: $(cat /proc/loadavg)" | tee "$LOG"
+  stt_side() {  # side (ref, ref032, ours, rustymimi, mimi), harness args...
+    local py=.venv/bin/python out=$OUT/stt_ours.jsonl cmd=$1
+    case $1 in ref|rustymimi) py=.venv-ref/bin/python out=$OUT/stt_ref.jsonl ;; esac
+    [ "$1" = ref032 ] && py=.venv-ref-mlx032/bin/python out=$OUT/stt_ref032.jsonl cmd=ref
+    shift
+    echo "### $(date +%T) load $(cut -d' ' -f1 /proc/loadavg) $cmd $* ($py)" >> "$LOG"
+    # shellcheck disable=SC2086
+    if ! env -u PYTHONPATH $PFX $py $S $cmd "$@" --json-out "$out" >> "$LOG" 2>&1; then
+      echo "  $1 FAILED (see $LOG)"; return 0
+    fi
+    tail -n 2 "$LOG" | head -n 1
+  }
+  touch "$OUT/stt_ref.jsonl" "$OUT/stt_ours.jsonl" "$OUT/stt_ref032.jsonl"
+  for r in $(seq 1 "$ROUNDS"); do
+    for row in $STT; do
+      echo "== round $r/$ROUNDS $row"
+      if [ "$row" = stt-mimi ]; then
+        stt_side rustymimi --ckpt $MIMI_CKPT --steps "$STEPS" --warmup "$WARMUP"
+        stt_side mimi --ckpt $MIMI_CKPT --steps "$STEPS" --warmup "$WARMUP"; continue
+      fi
+      name=${row#ours:} steps=$STEPS args=""
+      size=${name#stt-}; size=${size%%-*}
+      case $name in *-q4*|*-q8*) q=${name#*-q}; args="--quant ${q%%-*}"; steps=$QSTEPS ;; esac
+      case $name in *-b*) args="$args --batch ${name##*-b}" ;; esac
+      # shellcheck disable=SC2086
+      [ "$row" = "$name" ] && stt_side ref --size "$size" $args --steps "$steps" --warmup "$WARMUP"
+      # shellcheck disable=SC2086
+      [ "$row" = "$name" ] && [ $REF2 = 1 ] &&
+        stt_side ref032 --size "$size" $args --steps "$steps" --warmup "$WARMUP"
+      # shellcheck disable=SC2086
+      stt_side ours --size "$size" $args --steps "$steps" --warmup "$WARMUP"
+    done
+  done
+  echo "# end $(date -Is) load: $(cat /proc/loadavg)" >> "$LOG"
+  .venv/bin/python $S table "$OUT/stt_ref.jsonl" "$OUT/stt_ours.jsonl" | tee "$OUT/stt_table.md"
+  [ $REF2 = 1 ] && .venv/bin/python $S table "$OUT/stt_ref032.jsonl" "$OUT/stt_ours.jsonl" |
+    tee "$OUT/stt_table_mlx032.md"
+  echo "wrote $OUT"; exit 0
+fi
 
 {
   echo "# $(date -Is) rounds=$ROUNDS rows=[$ROWS] steps=$STEPS warmup=$WARMUP quant_steps=$QSTEPS"
