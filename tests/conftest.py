@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -10,6 +12,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -121,3 +124,47 @@ def card(tmp_path_factory) -> dict[str, str]:
     env = card_env(tmp_path_factory.mktemp("card"))
     yield env
     stop_card(env)
+
+
+# ---- helpers of the safety tests (test_safety, test_hostile_files) ------------------------
+
+
+def state(folder: Path) -> dict[str, str]:
+    """Every entry below ``folder`` (hidden ones too) with a digest of its content."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        rel = str(path.relative_to(folder))
+        if path.is_symlink():
+            out[rel] = "-> " + os.readlink(path)
+        elif path.is_file():
+            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            out[rel] = "dir" if path.is_dir() else "other"
+    return out
+
+
+def one_line_error(code: int, err: str, *words: str) -> str:
+    lines = err.strip().splitlines()
+    assert code == 1, (code, err)
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert lines[0].startswith("moshi-mlx "), lines
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def cli(capsys, *argv) -> tuple[int, str]:
+    """The command line in this process (fast); returns (exit code, stderr)."""
+    from moshi_mlx.app.cli import main as cli_main
+
+    code = cli_main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def speech_wav(path: Path, seconds: float = 0.4, rate: int = 24000) -> Path:
+    from moshi_mlx.app.wavio import write_wav
+
+    t = np.arange(int(seconds * rate)) / rate
+    write_wav(path, (0.2 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), rate)
+    return path

@@ -9,7 +9,6 @@ test_chat_audio.py; the README's safety section lists the classes and their coun
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -24,51 +23,23 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import LM_DIR, MIMI_DIR, MOSHI_MLX, moshi_mlx_cmd, tmpfs
+from conftest import (
+    LM_DIR,
+    MIMI_DIR,
+    MOSHI_MLX,
+    cli,
+    moshi_mlx_cmd,
+    one_line_error,
+    speech_wav,
+    state,
+    tmpfs,
+)
 
 import moshi_mlx
 from moshi_mlx import MoshiError
-from moshi_mlx.app.cli import main as cli_main
 from moshi_mlx.app.wavio import read_wav, write_wav
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-
-def state(folder: Path) -> dict[str, str]:
-    """Every entry below ``folder`` (hidden ones too) with a digest of its content."""
-    out = {}
-    for path in sorted(folder.rglob("*")):
-        rel = str(path.relative_to(folder))
-        if path.is_symlink():
-            out[rel] = "-> " + os.readlink(path)
-        elif path.is_file():
-            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-        else:
-            out[rel] = "dir" if path.is_dir() else "other"
-    return out
-
-
-def one_line_error(code: int, err: str, *words: str) -> str:
-    lines = err.strip().splitlines()
-    assert code == 1, (code, err)
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    assert lines[0].startswith("moshi-mlx "), lines
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
-
-
-def cli(capsys, *argv) -> tuple[int, str]:
-    """The command line in this process (fast); returns (exit code, stderr)."""
-    code = cli_main([str(a) for a in argv])
-    return code, capsys.readouterr().err
-
-
-def speech_wav(path: Path, seconds: float = 0.4, rate: int = 24000) -> Path:
-    t = np.arange(int(seconds * rate)) / rate
-    write_wav(path, (0.2 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), rate)
-    return path
 
 
 def copy_folder(src: Path, dst: Path) -> Path:
