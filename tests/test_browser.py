@@ -20,6 +20,21 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def launch(playwright, mic: Path):
+    """Headless Chromium whose microphone plays the WAV ``mic``."""
+    return playwright.chromium.launch(
+        executable_path=CHROMIUM,
+        headless=True,
+        args=[
+            "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={mic}",
+            "--use-fake-ui-for-media-stream",
+            "--autoplay-policy=no-user-gesture-required",
+            "--no-sandbox",  # CI runs as root
+        ],
+    )
+
+
 def test_page_talks_through_the_browser(model_dir, tmp_path):
     from moshi_mlx.app.wavio import write_wav
 
@@ -30,17 +45,7 @@ def test_page_talks_through_the_browser(model_dir, tmp_path):
     errors = []
     try:
         with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=CHROMIUM,
-                headless=True,
-                args=[
-                    "--use-fake-device-for-media-stream",
-                    f"--use-file-for-fake-audio-capture={mic}",
-                    "--use-fake-ui-for-media-stream",
-                    "--autoplay-policy=no-user-gesture-required",
-                    "--no-sandbox",  # CI runs as root
-                ],
-            )
+            browser = launch(p, mic)
             try:
                 page = browser.new_page(viewport={"width": 720, "height": 760})
                 page.on("pageerror", lambda e: errors.append(str(e)))
@@ -110,17 +115,7 @@ def test_kyutai_web_client_talks_through_the_browser(model_dir, tmp_path):
     sent, received = [], []
     try:
         with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=CHROMIUM,
-                headless=True,
-                args=[
-                    "--use-fake-device-for-media-stream",
-                    f"--use-file-for-fake-audio-capture={mic}",
-                    "--use-fake-ui-for-media-stream",
-                    "--autoplay-policy=no-user-gesture-required",
-                    "--no-sandbox",
-                ],
-            )
+            browser = launch(p, mic)
             try:
                 page = browser.new_page()
 
