@@ -273,7 +273,7 @@ def check_persona_args(args: argparse.Namespace) -> None:
     if args.text_prompt is not None:
         from moshi_mlx.persona import check_text_prompt
 
-        check_text_prompt(args.text_prompt)
+        check_text_prompt(args.text_prompt, "text_prompt")
     if args.voice_prompt is not None:
         from .persona import check_voice_file
 

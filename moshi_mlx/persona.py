@@ -50,9 +50,10 @@ def wrap_with_system_tags(text: str) -> str:
     return f"<system> {text} <system>"
 
 
-def check_text_prompt(text: str) -> str:
-    """``text`` if it can be a text prompt: valid text of at most ``MAX_TEXT_CHARS``."""
-    text = validate.text("text", text)
+def check_text_prompt(text: str, name: str = "text") -> str:
+    """``text`` if it can be a text prompt: valid text of at most ``MAX_TEXT_CHARS``
+    (``name``: the argument, or the flag's destination, that gave it)."""
+    text = validate.text(name, text)
     if len(text) > MAX_TEXT_CHARS:
         raise MoshiError(
             f"the text prompt has {len(text)} characters; a role needs a paragraph, at most "

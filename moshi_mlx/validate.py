@@ -100,7 +100,8 @@ def text(name: str, value) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
         raise MoshiError(
-            f"`{name}` holds a byte that is not UTF-8 (character {e.start + 1}); write it in UTF-8"
+            f"`{name}` is not valid text: character {e.start + 1} is a byte that is not UTF-8; "
+            "write it in UTF-8"
         ) from None
     return value
 
