@@ -5,25 +5,51 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from audio_card import report
+from pywebrtc_audio import AudioProcessor
 from room import CHUNK, Convolver, FarClock, echo_path, synthetic_speech
 
 from moshi_mlx.app.audio import Conversion, Format, choose_format
-from moshi_mlx.app.echo import EchoCanceller
+from moshi_mlx.app.echo import HEADROOM_S, EchoCanceller, EchoPath
 from moshi_mlx.app.loop import FRAME, SAMPLE_RATE
 from moshi_mlx.app.resample import StreamResampler
 from moshi_mlx.app.wavio import resample
 from moshi_mlx.errors import MoshiError
 
 
-def cancel(far: np.ndarray, mic: np.ndarray, latency_s: float) -> tuple[np.ndarray, list]:
+def cancel(far: np.ndarray, mic: np.ndarray, latency_s: float, **kw) -> tuple[np.ndarray, list]:
     """Run the canceller as the mic stage does: far frame ``i`` is played in callback ``i``."""
-    aec = EchoCanceller()
-    out, erle = [], []
+    out, erle, _ = cancel_traced(far, mic, latency_s, **kw)
+    return out, erle
+
+
+def cancel_traced(far, mic, latency_s, **kw) -> tuple[np.ndarray, list, np.ndarray]:
+    """``cancel``, and whether an echo was heard after each frame."""
+    aec = EchoCanceller(**kw)
+    out, erle, heard = [], [], []
     for i in range(len(mic) // FRAME):
         s = slice(i * FRAME, (i + 1) * FRAME)
         out.append(aec.process(mic[s], far[s], latency_s))
         erle.append(aec.erle_db)
-    return np.concatenate(out), erle
+        heard.append(aec.echo_heard)
+    return np.concatenate(out), erle, np.array(heard)
+
+
+def aec3_alone(far: np.ndarray, mic: np.ndarray, latency_s: float) -> np.ndarray:
+    """AEC3 applied to every frame, with the far end delayed as ``EchoCanceller`` does for a
+    constant latency: what the canceller gave before it listened for an echo."""
+    apm = AudioProcessor(sample_rate=SAMPLE_RATE, echo_cancellation=True,
+                         stream_delay_ms=int(HEADROOM_S * 1000))  # fmt: skip
+    delay = max(0, round((latency_s - HEADROOM_S) * SAMPLE_RATE))
+    reference = np.concatenate([np.zeros(delay, np.float32), far])
+    return np.concatenate([apm.process(mic[i : i + FRAME], reference[i : i + FRAME])
+                           for i in range(0, len(mic) // FRAME * FRAME, FRAME)])  # fmt: skip
+
+
+def frame_db(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Level of each frame of ``a`` against the same frame of ``b``, in dB."""
+    ea, eb = ((x[: len(a) // FRAME * FRAME].reshape(-1, FRAME) ** 2).sum(1) for x in (a, b))
+    return 10 * np.log10((ea + 1e-20) / (eb + 1e-20))
 
 
 def frame_erle(echo: np.ndarray, out: np.ndarray, skip_s: float = 2.0) -> float:
@@ -80,10 +106,84 @@ def test_canceller_holds_its_delay_line_while_the_latency_wanders_and_follows_a_
 def test_canceller_lets_the_near_end_through_without_far_end():
     near = synthetic_speech(3.0, seed=9, f0=210.0)
     out, erle = cancel(np.zeros_like(near), near, 0.1)
-    lag = 223  # AEC3's own delay at 24 kHz (measured)
-    corr = np.corrcoef(out[lag + FRAME : 30 * FRAME], near[FRAME : 30 * FRAME - lag])[0, 1]
-    assert corr > 0.98
+    np.testing.assert_array_equal(out, near[: len(out)])
     assert all(e is None for e in erle)  # no far end, no ERLE
+
+
+NOISE = np.random.default_rng(0).standard_normal(20 * SAMPLE_RATE).astype(np.float32) * 1e-3
+
+
+@pytest.mark.parametrize("f0, near_db", [(120.0, -10.0), (120.0, 0.0), (210.0, 0.0), (210.0, 20.0)])
+def test_canceller_passes_the_microphone_untouched_while_no_echo_is_heard(f0, near_db):
+    """Headphones, or the virtual card: Moshi speaks all along, the microphone hears the user
+    (a voice at Moshi's own pitch, or another; quieter or louder than Moshi) and room noise,
+    never Moshi. The model gets the microphone as it came, frame for frame; AEC3 alone cuts
+    frames by far more than 0.5 dB (what the issue measured: 26-58 dB)."""
+    far = synthetic_speech(12.0, seed=3)
+    near = synthetic_speech(12.0, seed=11, f0=f0, level=0.1 * 10 ** (near_db / 20))
+    mic = near + NOISE[: len(near)]
+    out, erle, heard = cancel_traced(far, mic, 0.3)
+    change = np.abs(frame_db(out, mic))
+    before = frame_db(aec3_alone(far, mic, 0.3), mic)
+    report("echo_none_heard", {"voice_f0": f0, "near_db": near_db,
+                               "max_frame_change_db": float(change.max()),
+                               "aec3_alone_worst_db": round(float(before.min()), 1)})  # fmt: skip
+    assert not heard.any() and all(e is None for e in erle)
+    assert change.max() <= 0.5 < -before.min()
+    np.testing.assert_array_equal(out, mic[: len(out)])
+
+
+def test_canceller_without_echo_still_applies_the_noise_suppressor_asked_for():
+    far = synthetic_speech(6.0, seed=3)
+    mic = synthetic_speech(6.0, seed=9, f0=210.0) + NOISE[: len(far)] * 10
+    out, _, heard = cancel_traced(far, mic, 0.3, noise_suppression=True)
+    ns = AudioProcessor(sample_rate=SAMPLE_RATE, echo_cancellation=False, noise_suppression=True)
+    alone = np.concatenate([ns.process(mic[i : i + FRAME]) for i in range(0, len(out), FRAME)])
+    assert not heard.any()
+    np.testing.assert_array_equal(out, alone)
+
+
+@pytest.mark.parametrize("path_ms, latency_s", [(150.0, 0.0), (450.0, 0.3), (150.0, 0.3)])
+def test_canceller_engages_as_soon_as_an_echo_appears_and_is_then_aec3_itself(path_ms, latency_s):
+    """Moshi speaks from the start into headphones; at 4 s the loudspeakers take over (the
+    echo path: the stream's latency plus ``path_ms`` of room), while the user talks from 5 s
+    to 8 s. The echo is heard within 1 s (measured: 640-960 ms), and from then on the
+    model gets exactly what AEC3 alone makes, double talk included."""
+    far = synthetic_speech(12.0, seed=3)
+    echo = np.convolve(far, echo_path(path_ms + latency_s * 1000))[: len(far)]
+    echo[: 4 * SAMPLE_RATE] = 0.0
+    near = np.zeros_like(far)
+    near[5 * SAMPLE_RATE : 8 * SAMPLE_RATE] = synthetic_speech(3.0, seed=9, f0=210.0, level=0.03)
+    mic = (echo + near + NOISE[: len(far)]).astype(np.float32)
+    out, erle, heard = cancel_traced(far, mic, latency_s)
+    appears = 4 * SAMPLE_RATE // FRAME
+    engaged = appears + int(np.argmax(heard[appears:]))
+    engage_ms = (engaged + 1 - appears) * FRAME * 1000 / SAMPLE_RATE
+    report("echo_engage", {"path_ms": path_ms, "latency_s": latency_s, "engage_ms": engage_ms})
+    assert not heard[:appears].any() and heard[engaged:].all()
+    assert engage_ms <= 1000, engage_ms
+    alone = aec3_alone(far, mic, latency_s)
+    np.testing.assert_array_equal(out[(engaged + 1) * FRAME :], alone[(engaged + 1) * FRAME :])
+    late = slice((appears + 25) * FRAME, 5 * SAMPLE_RATE)  # single talk, 2 s after it appears
+    assert frame_erle(echo[late], out[late], skip_s=0) > 25
+
+
+def test_canceller_stops_cleaning_when_the_echo_goes_away():
+    """Loudspeakers for 6 s, then headphones: once the far end has played for ``HOLD_S``
+    without an echo, the microphone passes untouched again."""
+    far = synthetic_speech(24.0, seed=3)
+    echo = np.convolve(far, echo_path(150.0))[: len(far)]
+    echo[6 * SAMPLE_RATE :] = 0.0
+    mic = (echo + NOISE[: len(far)].repeat(2)[: len(far)]).astype(np.float32)
+    out, _, heard = cancel_traced(far, mic, 0.0)
+    gone = 6 * SAMPLE_RATE // FRAME
+    released = gone + int(np.argmin(heard[gone:]))
+    assert heard[gone - 1] and not heard[released:].any()
+    released_s = (released - gone) * FRAME / SAMPLE_RATE
+    assert EchoPath.HOLD_S <= released_s <= EchoPath.HOLD_S + 4, released_s
+    np.testing.assert_array_equal(
+        out[(released + 1) * FRAME :], mic[(released + 1) * FRAME : len(out)]
+    )
 
 
 @pytest.mark.parametrize("rate", [48000, 44100, 16000, 32000])
