@@ -339,3 +339,26 @@ def test_canceller_in_the_echo_tests_room_single_talk_double_talk_and_a_jump():
     # measured: 27.9 dB (the -60 dBFS room noise bounds it), 0.603, -9.64 dB, 0.64 s, 24.6 dB
     assert single > 25 and corr > 0.55 and kept_db > -10.5, figures
     assert recovery_s <= 1.0 and later > 22, figures
+
+
+def test_status_line_shows_erle_only_while_an_echo_is_heard():
+    import io
+
+    from rich.console import Console
+
+    from moshi_mlx.app.display import PlainScreen, RichScreen
+
+    snapshot = dict(t=12.3, frames=150, compute_ms=31.0, rtf=0.39, latency_ms=260.0, mic_queue=0,
+                    speaker_queue=1, dropped=0, underruns=0, erle_db=35.0)  # fmt: skip
+    for heard, rich_words, plain_words in ((False, "no echo heard", "erle_db=none"),
+                                           (True, "ERLE 35 dB", "erle_db=35")):  # fmt: skip
+        s = dict(snapshot, echo_heard=heard)
+        screen = RichScreen(Console(file=io.StringIO(), force_terminal=True, width=80, height=30))
+        screen.stats(s)
+        line = screen._status_text().plain
+        assert rich_words in line and ("ERLE" in line) == heard, line
+        out = io.StringIO()
+        plain = PlainScreen(out, every_s=0.0)
+        plain.stats(s)
+        plain.tick()
+        assert plain_words in out.getvalue(), out.getvalue()
