@@ -99,7 +99,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=("on", "off"),
         default="on",
         help="remove Moshi's own voice from the microphone, so that loudspeakers work "
-        "(default on; off with headphones)",
+        "(default on; the microphone passes untouched until an echo is heard)",
     )
     e.add_argument(
         "--noise-suppression", action="store_true", help="also suppress steady background noise"
@@ -521,6 +521,7 @@ class ComputeWorker(threading.Thread):
         }
         if self.stage.canceller is not None:
             self.snapshot["erle_db"] = _median(self.stage.erle_db[-25:])
+            self.snapshot["echo_heard"] = self.stage.echo_heard
 
     def flush_text(self) -> None:
         """Text of frames computed but never played still belongs in the transcript."""
@@ -555,6 +556,7 @@ class ComputeWorker(threading.Thread):
             erle, cost = _median(self.stage.erle_db), _median(self.stage.process_s)
             fields["erle_db_median"] = "-" if erle is None else f"{erle:.1f}"
             fields["echo_ms_median"] = "-" if cost is None else f"{cost * 1000:.2f}"
+            fields["echo_heard_s"] = f"{self.stage.heard_frames * FRAME_S:.1f}"
         for flag, n in sorted(audio.flags.items()):
             fields[flag] = n
         return fields

@@ -27,7 +27,7 @@ def status_fields(s: dict) -> dict[str, str]:
         "speaker_queue": str(s["speaker_queue"]),
         "dropped": str(s["dropped"]),
         "underruns": str(s["underruns"]),
-        "erle_db": ms(s.get("erle_db")),
+        "erle_db": "none" if s.get("echo_heard") is False else ms(s.get("erle_db")),
     }
 
 
@@ -149,7 +149,9 @@ class RichScreen:
             (f"dropped {f['dropped']}", "yellow" if s["dropped"] else "", 4),
             (f"underruns {f['underruns']}", "yellow" if s["underruns"] else "", 5),
         ]
-        if "erle_db" in s:  # echo cancellation on
+        if s.get("echo_heard") is False:  # echo cancellation on, nothing to cancel
+            parts.append(("no echo heard", "", 3))
+        elif "erle_db" in s:  # echo cancellation on
             parts.append((f"ERLE {f['erle_db']} dB", "", 3))
         sep = " │ "
         while len(parts) > 1 and len(sep.join(p for p, _, _ in parts)) > self.console.width:

@@ -80,7 +80,9 @@ class Chat:
         for line in stream:
             lines.append(line.rstrip("\n"))
 
-    def wait_for(self, words: str, timeout: float = 90.0) -> None:
+    def wait_for(self, words: str, timeout: float = 300.0) -> None:
+        """Until the chat prints ``words``: loading and warming the fixture model up took over
+        90 s with the 2 cores at a load of 20, so only a chat that is surely stuck fails."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if any(words in line for line in self.out):
