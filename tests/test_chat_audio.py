@@ -211,14 +211,26 @@ def test_chat_loopback_mic_reaches_the_model_and_its_frames_reach_the_speaker(
     chat, d, bus, sig = converse(card, model_dir, tmp_path, 1.5)
     summary = chat.summary()
     model_in, played = dump_timelines(d)
-    assert len(d["step_block"]) == int(summary["frames"]) > 30
+    # How many frames the model computes depends on the machine's load (the lag policy drops
+    # what it cannot keep up with, counted): what holds on any machine is asserted.
+    assert len(d["step_block"]) == int(summary["frames"]) > 0
+    assert int(summary["dropped_mic"]) == int(d["block_dropped"].sum())
 
-    # the microphone reached the model: the fed signal is in what the model was given...
+    # the microphone reached the app: the fed signal is in the blocks it received...
     padded = np.concatenate([np.zeros(FRAME), sig, np.zeros(FRAME)])
-    lag_in, _ = locate(padded, model_in)
-    audible = {b: pcm for b, pcm in mic_frames(d).items() if np.any(pcm)}
+    received = dict(zip(d["block_index"].tolist(), d["block_pcm_raw"], strict=True))
+    timeline = np.zeros((max(received) + 1) * FRAME)
+    for b, pcm in received.items():
+        timeline[b * FRAME : (b + 1) * FRAME] = pcm
+    lag_in, _ = locate(padded, timeline)
+    audible = {b: pcm for b, pcm in received.items() if np.any(pcm)}
     in_signal = find_frames(audible, padded, -lag_in, search=4800)
     assert len(in_signal) >= 0.9 * len(audible) >= 0.9 * len(sig) / FRAME, len(in_signal)
+    # ...the model was given exactly the blocks it computed (the canceller is off)...
+    given = dict(zip(d["block_index"].tolist(), d["block_pcm_in"], strict=True))
+    for b, pcm in mic_frames(d).items():
+        np.testing.assert_array_equal(pcm, given[b])
+        np.testing.assert_array_equal(pcm, received[b])
     # ...and the model turned exactly those frames into its codes (replayed here, same seed,
     # by the serial engine: the chat's pipelined engine changes when work runs, never what)
     lm, mimi, tok = moshi_mlx.load(model_dir)
@@ -230,7 +242,7 @@ def test_chat_loopback_mic_reaches_the_model_and_its_frames_reach_the_speaker(
 
     # the bus: left = what the virtual microphone heard, right = what the app played
     bus_match = through_the_bus(d, bus)
-    assert bus_match["audible_mic"] >= 25  # the 2.5 s signal, minus what the feed lost
+    assert bus_match["audible_mic"] > 0  # the signal's frames the model computed
     assert bus_match["mic_found"] > 0.9, bus_match  # the mic's frames, sample for sample
     assert bus_match["speaker_found"] > 0.9, bus_match  # Moshi's frames, sample for sample
     assert np.all(np.diff(bus_match["speaker_positions"]) >= FRAME)  # in order, none twice
