@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,16 @@ from test_serve import Served, speech
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="no Chromium: apt-get install chromium (.ci/run does)"
-)
+
+
+@pytest.fixture(autouse=True)
+def chromium():
+    """Outside CI the test skips without Chromium; in CI (which installs it) it fails."""
+    if CHROMIUM is None:
+        reason = "no Chromium: apt-get install chromium (.ci/run does)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(reason)
+        pytest.skip(reason)
 
 
 def launch(playwright, mic: Path):
@@ -94,50 +100,3 @@ def test_page_talks_through_the_browser(model_dir, tmp_path):
         code, _, err = server.stop()
     assert errors == []
     assert code in (0, 130), err
-
-
-KYUTAI_CLIENT = os.environ.get("MOSHI_MLX_KYUTAI_CLIENT")
-
-
-@pytest.mark.skipif(
-    not KYUTAI_CLIENT,
-    reason="opt-in: MOSHI_MLX_KYUTAI_CLIENT=DIR, a build of Kyutai's web client (their client/ "
-    "folder: npm ci && npx vite build -> dist/)",
-)
-def test_kyutai_web_client_talks_through_the_browser(model_dir, tmp_path):
-    """Kyutai's own page, unchanged, served with --static: it connects, sends Ogg Opus from
-    the microphone and gets Moshi's audio and text back (watched on its WebSocket)."""
-    from moshi_mlx.app.wavio import write_wav
-
-    mic = tmp_path / "mic.wav"
-    write_wav(mic, np.concatenate(speech(4.0)), 24000)
-    server = Served(model_dir, "--static", KYUTAI_CLIENT)
-    sent, received = [], []
-    try:
-        with sync_api.sync_playwright() as p:
-            browser = launch(p, mic)
-            try:
-                page = browser.new_page()
-
-                def watch(ws):
-                    ws.on("framesent", lambda payload: sent.append(payload))
-                    ws.on("framereceived", lambda payload: received.append(payload))
-
-                page.on("websocket", watch)
-                page.goto(server.http("/"))
-                page.click("text=Connect")
-                start = time.monotonic()
-                while time.monotonic() - start < 90:
-                    audio = [m for m in received if isinstance(m, bytes) and m[:1] == b"\x01"]
-                    text = [m for m in received if isinstance(m, bytes) and m[:1] == b"\x02"]
-                    if len(audio) > 20 and text:
-                        break
-                    page.wait_for_timeout(250)
-            finally:
-                browser.close()
-    finally:
-        server.stop()
-    kinds = [m[0] for m in received if isinstance(m, bytes) and m]
-    assert kinds[0] == 0 and 5 not in kinds
-    assert any(m[:1] == b"\x01" and b"OggS" in m[:8] for m in sent if isinstance(m, bytes))
-    assert kinds.count(1) > 20 and kinds.count(2) > 0
