@@ -48,8 +48,8 @@ class Temporary:
         self.payload = self.path / PAYLOAD
         self._fd: int | None = None
         self._names = [PAYLOAD + ("/" if folder else "")]
-        os.mkdir(self.path)
-        try:
+        try:  # from the mkdir on: a signal between two steps still leaves nothing
+            os.mkdir(self.path)
             fd = os.open(self.path / MARK, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW)
             self._fd = fd
             fcntl.flock(fd, fcntl.LOCK_EX)

@@ -29,6 +29,8 @@ MOSHI_MLX = Path(sys.executable).with_name("moshi-mlx")
 # and so would every command it starts, which then cannot be interrupted as the Ctrl-C tests
 # do it: the commands start with SIGINT as a terminal gives it.
 signal.signal(signal.SIGINT, signal.default_int_handler)
+# Likewise SIGHUP, which `nohup` leaves ignored for everything it starts.
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def moshi_mlx_cmd(*args, **kwargs) -> subprocess.CompletedProcess:

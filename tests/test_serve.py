@@ -165,10 +165,13 @@ def test_codes_are_those_of_run_on_the_same_audio(server, model_dir, tmp_path):
 
     from moshi_mlx.app.wavio import read_wav, write_wav
 
-    before = set(server.dump.iterdir())
+    def dumps():  # finished ones: a dump is written under a temporary name, then renamed
+        return set(server.dump.glob("conversation-*.npz"))
+
+    before = dumps()
     reply = converse(server.ws(), speech(2.0, seed=1), query=SEED_QUERY, pace_s=0.02)
     assert reply.errors == []
-    new = wait_for(lambda: set(server.dump.iterdir()) - before).pop()
+    new = wait_for(lambda: dumps() - before).pop()
     d = np.load(new)
     n_sent = len(speech(2.0))
     assert list(d["frame_index"][:n_sent]) == list(range(n_sent))  # all of the speech
