@@ -710,9 +710,18 @@ def test_run_memory_does_not_grow_with_the_input(tmp_path, model_dir):
     assert peaks[60] - peaks[5] < 8, peaks
 
 
-@pytest.mark.parametrize("second_after_s", [None, 0.0, 0.05])  # a second Ctrl-C changes nothing
-def test_ctrl_c_keeps_what_run_computed_as_a_valid_shorter_wav(tmp_path, model_dir,
-                                                               second_after_s):  # fmt: skip
+@pytest.mark.parametrize(
+    "sig, second_after_s",  # a second signal changes nothing; SIGTERM and SIGHUP act as Ctrl-C
+    [
+        (signal.SIGINT, None),
+        (signal.SIGINT, 0.0),
+        (signal.SIGINT, 0.05),
+        (signal.SIGTERM, None),
+        (signal.SIGHUP, None),
+    ],
+)
+def test_a_stop_signal_keeps_what_run_computed_as_a_valid_shorter_wav(tmp_path, model_dir, sig,
+                                                                       second_after_s):  # fmt: skip
     t = np.arange(24000 * 60) / 24000
     write_wav(tmp_path / "in.wav", (0.2 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 24000)
     proc = subprocess.Popen([str(MOSHI_MLX), "run", tmp_path / "in.wav", tmp_path / "out.wav",
@@ -724,10 +733,10 @@ def test_ctrl_c_keeps_what_run_computed_as_a_valid_shorter_wav(tmp_path, model_d
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.05)
         time.sleep(1.0)  # some frames computed
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         if second_after_s is not None:
             time.sleep(second_after_s)
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
