@@ -418,12 +418,12 @@ def test_token_rule_on_a_non_loopback_bind(model_dir, tmp_path):
         code, _, err = s.stop()
     assert code in (0, 130), err
     # The certificate is made once: the next start keeps it.
-    from moshi_mlx.app import serve
+    from moshi_mlx.app import serve_tls
 
     mtime = cert.stat().st_mtime_ns
     os.environ["XDG_CACHE_HOME"], saved = str(tmp_path), os.environ.get("XDG_CACHE_HOME")
     try:
-        assert serve.self_signed_certificate() == (cert, key)
+        assert serve_tls.self_signed_certificate() == (cert, key)
     finally:
         if saved is None:
             del os.environ["XDG_CACHE_HOME"]
@@ -479,7 +479,7 @@ def test_ctrl_c_during_a_conversation_stops_cleanly_and_keeps_the_recording(mode
 
 
 def test_query_string_becomes_the_conversation_settings(tmp_path):
-    from moshi_mlx.app.serve import settings_from_query, voice_names
+    from moshi_mlx.app.serve_session import settings_from_query, voice_names
     from moshi_mlx.errors import MoshiError
     from moshi_mlx.sampling import PRESETS
 
