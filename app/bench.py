@@ -388,6 +388,16 @@ def summary(r: dict) -> list[str]:
               if r.get(f"{s}_ms_p50") is not None]  # fmt: skip
     if stages:
         row("stages", ", ".join(stages) + " ms median, synced per stage")
+    batches = r.get("batches") or {}
+    for size, b in batches.items():  # speech-to-text: independent streams in one batch
+        text = (
+            f"{b['frame_ms_p50']:.1f} ms a frame, {b['streams_realtime']:.2f} streams kept "
+            "in real time"
+        )
+        if size != "1" and "1" in batches:
+            gain = int(size) * batches["1"]["frame_ms_p50"] / b["frame_ms_p50"]
+            text += f" ({gain:.2f}x the streams of batch 1)"
+        row(f"batch {size}", text)
     full = r.get("peak_memory_full_context_gb")
     weights = [f"{n} {r[f'{k}_params_gb']:.2f} GB" for n, k in (("LM", "lm"), ("Mimi", "mimi"))
                if r.get(f"{k}_params_gb") is not None]  # fmt: skip

@@ -331,6 +331,13 @@ def test_bench_times_stt_batches_on_the_fixture_and_at_real_sizes():
     for size, row in result["batches"].items():
         assert row["streams_realtime"] == round(int(size) * 80 / row["frame_ms_p50"], 2)
         assert row["realtime"] == (row["frame_ms_p50"] <= 80)
+    # the summary has a line per batch size, the throughput against batch 1 beside the others
+    r = moshi_mlx_cmd("bench", "--hf-path", STT_DIR, "--steps", 2, "--warmup", 1, "--batch",
+                      "1,2")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[1]: line for line in r.stdout.splitlines() if line.startswith("  batch ")}
+    assert list(rows) == ["1", "2"] and "the streams of batch 1" in rows["2"], r.stdout
+    assert "streams kept in real time" in rows["1"] and "x the streams" not in rows["1"]
     # the real STT 1B's layout, scaled down to one layer so that it builds quickly here
     r = moshi_mlx_cmd("bench", "--random-weights", "--config", "stt-1b", "--layers", 1, "--no-mimi",
                       "--steps", 1, "--warmup", 1, "--batch", "2", "--json")  # fmt: skip
