@@ -76,7 +76,11 @@ def input_file(text: str) -> str:
     return text
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL):
+def add_model_arguments(
+    parser: argparse.ArgumentParser,
+    default: str | None = DEFAULT_MODEL,
+    dtype_default: str = "as stored",
+):
     g = parser.add_argument_group("model")
     where = f"default {default}, downloaded and cached on first use" if default else "required"
     g.add_argument(
@@ -91,7 +95,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = D
         "--dtype",
         choices=DTYPES,
         default=None,
-        help="cast unquantized LM weights to this dtype (default: as stored)",
+        help=f"cast unquantized LM weights to this dtype (default: {dtype_default})",
     )
     return g
 

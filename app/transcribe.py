@@ -54,7 +54,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--mic", action="store_true", help="live captions from the microphone (Ctrl-C stops)"
     )
     p.add_argument("--input-device", help="microphone for --mic: an index or part of a name")
-    add_model_arguments(p, default=DEFAULT_STT_MODEL)
+    add_model_arguments(
+        p,
+        default=DEFAULT_STT_MODEL,
+        dtype_default="float32 on MLX's CPU backend if it fits, as stored on a GPU; see "
+        "docs/transcribe.md",
+    )
     add_engine_arguments(p.add_argument_group("compute"))
 
 
@@ -271,7 +276,12 @@ def live_captions(args: argparse.Namespace, load, say, source=None) -> int:
     if source is None:  # the microphone is checked before the model loads
         frames: queue.Queue = queue.Queue(maxsize=64)  # 5 s behind at most, then frames drop
         stream, dropped = open_microphone(args, frames)
-        source = iter(frames.get, None)
+
+        def microphone():  # until Ctrl-C
+            while True:
+                yield frames.get()
+
+        source = microphone()
     lm, mimi, tokenizer = load()
     transcriber = Transcriber(lm, mimi, tokenizer, engine=args.engine)
     words, out = [], sys.stdout
@@ -318,6 +328,30 @@ def live_captions(args: argparse.Namespace, load, say, source=None) -> int:
     return 0
 
 
+def default_dtype(name: str) -> str | None:
+    """The LM's dtype without --dtype: float32 on MLX's CPU backend when the float32 model
+    fits, else None (as stored, bf16 for Kyutai's releases). Greedy text is where bf16's
+    rounding shows: it flips the choice between nearly tied tokens (a word of the fixture's
+    clip1), and on the CPU one stream's frame takes as long in float32 as in bf16 (a batch of
+    8 takes 2.8x as long: --dtype bfloat16 trades the precision for that). On a GPU, bf16
+    halves the memory read per frame, so it stays as stored (docs/transcribe.md)."""
+    import mlx.core as mx
+
+    from moshi_mlx.loading import find_model_files, model_folder
+    from moshi_mlx.memory import check_fits
+
+    if mx.default_device().type != mx.cpu:
+        return None
+    files = find_model_files(model_folder(name, parts=()), parts=())
+    if (files.config or {}).get("quantization"):
+        return None  # a quantized folder keeps its form
+    try:
+        check_fits(files.lm_config, mx.float32, mimi=files.mimi_config)
+    except MoshiError:
+        return None
+    return "float32"
+
+
 # ---- the command -----------------------------------------------------------------------------
 
 
@@ -340,6 +374,8 @@ def main(args: argparse.Namespace) -> int:
             say(message)
 
     def load():
+        if args.dtype is None and args.quantize is None:
+            args.dtype = default_dtype(args.hf_path)
         return load_model(args, report=report, kind="stt")
 
     if args.mic:

@@ -6,20 +6,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import struct
+import subprocess
+import threading
+import time
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import FIXTURES, LM_DIR, moshi_mlx_cmd
+from conftest import FIXTURES, LM_DIR, MOSHI_MLX, moshi_mlx_cmd
 
 from moshi_mlx.app import transcribe
 from moshi_mlx.stt import Word
 
 STT_DIR = FIXTURES / "stt"
 TIMESTAMPS = json.loads((STT_DIR / "timestamps.json").read_text())
-# The fixture's weights are bf16 values and the reference computed in float32.
-MODEL = ("--hf-path", STT_DIR, "--dtype", "float32")
+# The fixture's weights are bf16 values and the reference computed in float32, as transcribe
+# does by default on the CPU.
+MODEL = ("--hf-path", STT_DIR)
 
 
 def write_float_wav(path, x: np.ndarray, rate: int = 24000) -> None:
@@ -134,6 +139,46 @@ def test_live_captions_without_a_sound_card(clips, tmp_path, capsys):
     shown = capsys.readouterr().out
     assert "yfi sw" in shown  # the pieces as they came
     assert json.loads(out.read_text())["words"] == expected("clip0")
+
+
+def test_live_captions_from_the_virtual_microphone(card, clips, tmp_path):
+    """``--mic`` on a sound card: speech played into the microphone reaches the model (text
+    appears; silence alone gives none), Ctrl-C ends it cleanly and ``-o`` keeps the words.
+    What is said is not compared with the trace: where the 80 ms frames fall in the speech
+    depends on when the recording started."""
+    out = tmp_path / "live.json"
+    proc = subprocess.Popen([str(MOSHI_MLX), "transcribe", "--mic", "-o", str(out), "--format",
+                             "json", *map(str, MODEL)], env=card, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    speech = np.tile(np.pad(clips["samples"]["clip0"], (0, 12000)), 4).astype("<f4")
+    try:
+        text = []
+        reader = threading.Thread(target=lambda: text.extend(iter(lambda: proc.stdout.read(1), "")),
+                                  daemon=True)  # fmt: skip
+        reader.start()
+        deadline = time.monotonic() + 300  # loading under a heavy load took over 90 s
+        while proc.poll() is None and time.monotonic() < deadline and not "".join(text).strip():
+            subprocess.run(["pacat", "--playback", "--raw", "-d", "micfeed", "--format=float32le",
+                            "--rate=24000", "--channels=1"], input=speech.tobytes(), env=card,
+                           timeout=120)  # fmt: skip
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert "listening; Ctrl-C stops" in err and f"wrote {out}" in err
+    assert "".join(text).strip(), err  # the speech reached the model
+    result = json.loads(out.read_text())
+    assert list(result) == ["text", "words", "duration"] and result["text"]
+    assert result["duration"] > 0, result
+    for w in result["words"]:
+        assert 0 <= w["start"] <= w["end"], result
+
+
+def test_the_default_dtype_is_float32_on_the_cpu_where_it_fits(monkeypatch):
+    assert transcribe.default_dtype(str(STT_DIR)) == "float32"
+    monkeypatch.setenv("MOSHI_MLX_MEMORY_LIMIT_GB", "0.001")
+    assert transcribe.default_dtype(str(STT_DIR)) is None  # then as stored
 
 
 def test_formats_render_words_as_cues():
