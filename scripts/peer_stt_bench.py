@@ -210,7 +210,7 @@ def bench_ref(args) -> None:
             text, vad = gen.step_with_extra_heads(codes)
             mx.eval(vad)
         else:
-            text = gen.step(codes)
+            text, _ = gen.step(codes)  # (text tokens, transformer output)
         np.array(text)  # the caller reads the token(s)
         gen.last_audio_tokens()
 
