@@ -162,7 +162,9 @@ def test_live_captions_from_the_virtual_microphone(card, clips, tmp_path):
                             "--rate=24000", "--channels=1"], input=speech.tobytes(), env=card,
                            timeout=120)  # fmt: skip
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)  # stdout is the reader's alone; stderr is a few lines
+        reader.join(timeout=10)
+        err = proc.stderr.read()
     finally:
         proc.kill()
     assert proc.returncode == 0 and "Traceback" not in err, err
